@@ -1,0 +1,27 @@
+# `make demo` and `make test` each create the environment on a fresh machine; nothing else to type.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt examples/peftkit-ia3/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,hf]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e examples/peftkit-ia3
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/peftkit demo
+
+test: setup
+	$(PY) -m ruff check peftkit plugins tests examples
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check peftkit plugins tests examples
+
+clean:
+	rm -rf $(VENV) peftkit-demo

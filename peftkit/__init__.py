@@ -1,0 +1,42 @@
+"""peftkit: parameter-efficient fine-tuning for any PyTorch module, with methods as plugins.
+
+Example::
+
+    import peftkit
+    m = peftkit.wrap(model, "lora", r=8)   # backbone frozen, LoRA adapters attached
+    ...train m...
+    peftkit.save(m, "task.safetensors")    # adapter tensors + metadata only
+    m = peftkit.load(fresh_model, "task.safetensors")
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .hookspecs import hookimpl
+from .io import AdapterHeader, load, read_header, save
+from .method import Adapter, Method
+from .model import AdaptedModel, wrap
+from .plugins import MethodInfo, method_infos
+
+__version__ = "0.1.0"
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method: ``{name: MethodInfo(plugin, version, doc, ...)}``."""
+    return method_infos()
+
+
+__all__ = [
+    "AdaptedModel",
+    "Adapter",
+    "AdapterHeader",
+    "Method",
+    "MethodInfo",
+    "errors",
+    "hookimpl",
+    "load",
+    "methods",
+    "read_header",
+    "save",
+    "wrap",
+]

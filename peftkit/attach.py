@@ -1,0 +1,154 @@
+"""The runtime: forward hooks that apply adapters beside a backbone without changing its modules.
+
+One :class:`Slot` per *host* module (the module whose forward reads the adapted tensors). Before the
+host runs, weight-space contributions are substituted for its tensors (``W + delta``, or a ``train``
+module's own copies); after it runs, output-space transforms are applied and the original tensors
+are put back (also when the forward raises). The backbone's module tree, classes and
+``state_dict()`` keys never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .method import Adapter
+
+
+@dataclass
+class RuntimeState:
+    """What every slot of one AdaptedModel consults on each call."""
+
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    merged: set[str] = field(default_factory=set)
+
+    def live(self, name: str) -> bool:
+        return not self.disabled and name in self.active and name not in self.merged
+
+
+@dataclass
+class Entry:
+    """One adapter's (or one ``train`` copy's) attachment to a host.
+
+    Attributes:
+        adapter_name: The AdaptedModel's name for the adapter this entry belongs to.
+        target: The target module (the host itself, or a child the host reads directly).
+        prefix: Prefix of the target's tensor names as seen from the host (``""`` or ``"out_proj."``).
+        adapter: The Adapter module, for an adapter entry.
+        replacement: For a ``train`` entry, the trained copy whose tensors replace the host's.
+    """
+
+    adapter_name: str
+    target: nn.Module
+    prefix: str = ""
+    adapter: Adapter | None = None
+    replacement: nn.Module | None = None
+
+    def weight_space(self, grad: bool) -> bool:
+        """Use the delta form now? Training prefers the output form (autograd through a low-rank
+        path is cheaper than through a full weight); inference prefers the delta (no extra
+        activations). A target read directly by its host can only use the delta."""
+        a = self.adapter
+        assert a is not None
+        if self.prefix or not a.has_transform:
+            return True
+        if not a.has_delta:
+            return False
+        return not (grad and any(p.requires_grad for p in a.parameters()))
+
+
+def tensor_slot(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
+    """The dict (``_parameters`` or ``_buffers``) holding tensor ``name`` (dotted) and its key."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._parameters:
+        return owner._parameters, leaf
+    if leaf in owner._buffers:
+        return owner._buffers, leaf
+    raise KeyError(f"{type(module).__name__} has no tensor {name!r}")
+
+
+def replacement_tensors(copy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of a ``train`` copy, by name."""
+    yield from copy.named_parameters()
+    yield from ((n, b) for n, b in copy.named_buffers() if b is not None)
+
+
+class Slot:
+    """The hooks on one host module and the entries they apply."""
+
+    def __init__(self, host: nn.Module, state: RuntimeState) -> None:
+        self.host = host
+        self.state = state
+        self.entries: list[Entry] = []
+        self.fired = False
+        self._saved: list[list[tuple[dict[str, Any], str, Any]]] = []
+        self._handles = [
+            host.register_forward_pre_hook(self._pre, with_kwargs=True),
+            host.register_forward_hook(self._post, with_kwargs=True),
+            host.register_forward_hook(self._restore, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def substitutions(self, entries: list[Entry], grad: bool) -> dict[str, torch.Tensor]:
+        """Tensor name (relative to the host) -> the tensor to use in its place, for this call."""
+        subs: dict[str, torch.Tensor] = {}
+        for e in entries:
+            if e.replacement is not None:
+                subs.update(replacement_tensors(e.replacement))
+            elif e.weight_space(grad):
+                deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
+                for name, d in (deltas or {}).items():
+                    key = e.prefix + name
+                    base = subs[key] if key in subs else _get(self.host, key)
+                    subs[key] = base + d.to(base.dtype)
+        return subs
+
+    def _live(self) -> list[Entry]:
+        return [e for e in self.entries if self.state.live(e.adapter_name)]
+
+    def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.fired = True
+        entries = self._live()
+        if not entries:
+            self._saved.append([])
+            return
+        subs = self.substitutions(entries, torch.is_grad_enabled())
+        saved = []
+        for name, tensor in subs.items():
+            store, key = tensor_slot(host, name)
+            saved.append((store, key, store[key]))
+            store[key] = tensor
+        self._saved.append(saved)
+
+    def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        for e in self._live():
+            if e.adapter is not None and not e.weight_space(grad):
+                output = e.adapter.transform(e.target, args, kwargs, output)
+        return output
+
+    def _restore(self, host: nn.Module, args: Any, output: Any) -> None:
+        if self._saved:
+            for store, key, original in reversed(self._saved.pop()):
+                store[key] = original
+
+
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    store, key = tensor_slot(module, name)
+    return store[key]
+
+
+def walk_tensors(module: nn.Module, fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Call ``fn(name, tensor)`` for every parameter and buffer of ``module``."""
+    for n, t in module.state_dict(keep_vars=True).items():
+        fn(n, t)

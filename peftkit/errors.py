@@ -1,0 +1,55 @@
+"""Exceptions raised by peftkit.
+
+Every error is a :class:`PeftkitError` (itself a :class:`ValueError`), so callers can catch one
+type. Messages say what was wrong, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterFileError",
+    "BackboneMismatchError",
+    "ConfigError",
+    "MergeError",
+    "PeftkitError",
+    "PluginError",
+    "TargetError",
+    "UnknownAdapterError",
+    "UnknownMethodError",
+]
+
+
+class PeftkitError(ValueError):
+    """Base class of every peftkit error."""
+
+
+class UnknownMethodError(PeftkitError):
+    """No installed plugin provides the requested method."""
+
+
+class UnknownAdapterError(PeftkitError):
+    """An adapter name that the AdaptedModel does not hold (or already holds, when adding)."""
+
+
+class TargetError(PeftkitError):
+    """A target selection that matches nothing, or a module the method cannot adapt."""
+
+
+class ConfigError(PeftkitError):
+    """A method option with a bad name, type or value."""
+
+
+class AdapterFileError(PeftkitError):
+    """An adapter file that is unreadable, corrupt, or inconsistent with its own metadata."""
+
+
+class BackboneMismatchError(PeftkitError):
+    """An adapter file made for another backbone (architecture, shapes, dtypes or weights)."""
+
+
+class PluginError(PeftkitError):
+    """A plugin that fails to load, registers something invalid, or clashes with another."""
+
+
+class MergeError(PeftkitError):
+    """A merge that cannot be done exactly or would corrupt the base weights."""

@@ -1,0 +1,302 @@
+"""Adapter files: safetensors with string metadata, written atomically, validated before use.
+
+Metadata keys (all strings): ``peftkit.format``, ``peftkit.method``, ``peftkit.plugin`` (JSON:
+distribution, version, entry point), ``peftkit.config`` (JSON), ``peftkit.targets`` (JSON: path ->
+class, role and tensor shapes), ``peftkit.backbone`` (JSON fingerprint), ``peftkit.adapter`` (the
+adapter's name), ``peftkit.version``. Tensors: ``<backbone path>.<adapter tensor name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
+from .model import AdaptedModel, Prepared, build
+from .plugins import get_method
+from .targets import nearest_names
+
+__all__ = ["FORMAT_VERSION", "AdapterHeader", "load", "read_header", "save"]
+
+FORMAT_VERSION = "1"
+_KEYS = ("peftkit.format", "peftkit.method", "peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict(keep_vars=True))
+
+
+def describe_targets(model: nn.Module, paths: list[str], train_paths: list[str]) -> dict[str, Any]:
+    """path -> {class, role, shapes} for the base modules an adapter touches."""
+    out: dict[str, Any] = {}
+    for role, ps in (("target", paths), ("train", train_paths)):
+        for p in ps:
+            m = model.get_submodule(p)
+            out[p] = {"class": type(m).__name__, "role": role,
+                      "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
+    return out
+
+
+def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[str, str | None]:
+    """Hash of the touched base tensors' names, shapes and dtypes (and values when asked)."""
+    layout = hashlib.sha256()
+    content = hashlib.sha256() if with_values else None
+    for p in sorted(paths):
+        for k, t in sorted(_module_tensors(model.get_submodule(p)).items()):
+            layout.update(f"{p}.{k}|{list(t.shape)}|{t.dtype}\n".encode())
+            if content is not None:
+                content.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
+
+
+def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> Path:
+    """Write one adapter's tensors and metadata to ``path`` (atomically: temp file + rename).
+
+    Args:
+        model: The adapted model.
+        path: Destination ``.safetensors`` file.
+        adapter: Which adapter; default: the only adapter, or the only active one.
+
+    Returns:
+        The path written.
+    """
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"peftkit.save takes an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
+    if adapter is None:
+        names = model.adapter_names if len(model.adapter_names) == 1 else model.active_adapters
+        if len(names) != 1:
+            raise ConfigError(f"this model holds adapters {model.adapter_names}; say which to save with adapter=NAME")
+        adapter = names[0]
+    rec = model._record(adapter)
+    if adapter in model._state.merged:
+        raise ConfigError(f"adapter {adapter!r} is merged; unmerge() before saving so the file holds its own tensors")
+    base = model.base_model
+    mods = rec.modules
+    tensors = {k: t.detach().contiguous().cpu() for k, t in mods.file_tensors().items()}
+    touched = mods.paths + mods.train_paths
+    meta = {
+        "peftkit.format": FORMAT_VERSION,
+        "peftkit.method": rec.method.name,
+        "peftkit.plugin": json.dumps({"distribution": rec.info.distribution, "version": rec.info.version,
+                                      "entry_point": rec.info.plugin}),
+        "peftkit.config": rec.method.config_json(),
+        "peftkit.targets": json.dumps(describe_targets(base, mods.paths, mods.train_paths)),
+        "peftkit.backbone": json.dumps(fingerprint(base, touched, rec.method.hash_base_values)),
+        "peftkit.adapter": adapter,
+        "peftkit.version": _version(),
+    }
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        save_file(_unshare(tensors), tmp, metadata=meta)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage (e.g. views); give each its own.
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peftkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class AdapterHeader:
+    """An adapter file's metadata and tensor table, read without loading the tensors."""
+
+    path: Path
+    method: str
+    plugin: dict[str, str]
+    config: dict[str, Any]
+    targets: dict[str, Any]
+    backbone: dict[str, Any]
+    adapter: str
+    tensors: dict[str, tuple[list[int], str]]  # key -> (shape, dtype)
+    metadata: dict[str, str]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(_numel(s) * _DTYPE_BYTES.get(d, 4) for s, d in self.tensors.values())
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
+    """Read and check an adapter file's metadata (no backbone needed).
+
+    Raises:
+        AdapterFileError: missing, not a safetensors file, truncated, corrupt, not a peftkit file,
+            or written by a newer format version.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterFileError(f"adapter file {str(p)!r} does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                tensors[k] = (list(sl.get_shape()), sl.get_dtype())
+    except Exception as exc:
+        raise AdapterFileError(f"{str(p)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    data_end = 8 + int.from_bytes(p.open("rb").read(8), "little")
+    expected = data_end + sum(_numel(s) * _DTYPE_BYTES.get(d, 0) for s, d in tensors.values())
+    if p.stat().st_size < expected:
+        raise AdapterFileError(f"{str(p)!r} is truncated: {p.stat().st_size} bytes, its header describes {expected}")
+    missing = [k for k in _KEYS if k not in meta]
+    if missing:
+        raise AdapterFileError(f"{str(p)!r} is not a peftkit adapter file: metadata lacks {', '.join(missing)}")
+    if meta["peftkit.format"] != FORMAT_VERSION:
+        raise AdapterFileError(f"{str(p)!r} uses adapter format {meta['peftkit.format']!r}; this peftkit reads "
+                               f"format {FORMAT_VERSION!r}. Upgrade peftkit (pip install -U peftkit).")
+    try:
+        parsed = {k: json.loads(meta[k]) for k in ("peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")}
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{str(p)!r} has corrupt metadata: {exc}") from exc
+    return AdapterHeader(p, meta["peftkit.method"], parsed["peftkit.plugin"], parsed["peftkit.config"],
+                         parsed["peftkit.targets"], parsed["peftkit.backbone"], meta.get("peftkit.adapter", "default"),
+                         tensors, dict(meta))
+
+
+def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
+    modules = dict(model.named_modules())
+    problems = []
+    for path, want in header.targets.items():
+        m = modules.get(path)
+        if m is None:
+            problems.append(f"module {path!r} is missing (nearest: {', '.join(nearest_names(model, path, 3))})")
+            continue
+        if type(m).__name__ != want["class"]:
+            problems.append(f"{path!r} is a {type(m).__name__}, the file expects a {want['class']}")
+            continue
+        have = {k: list(t.shape) for k, t in _module_tensors(m).items()}
+        if have != want["shapes"]:
+            diff = [f"{k}: file {want['shapes'].get(k)} vs model {have.get(k)}"
+                    for k in sorted(set(have) | set(want["shapes"])) if have.get(k) != want["shapes"].get(k)]
+            problems.append(f"{path!r} tensor shapes differ ({'; '.join(diff[:3])})")
+    if problems:
+        raise BackboneMismatchError(
+            f"{str(header.path)!r} was made for another backbone: " + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            + ". Load it onto the model it was trained on.")
+    got = fingerprint(model, list(header.targets), header.backbone.get("values") is not None)
+    if got["layout"] != header.backbone.get("layout"):
+        raise BackboneMismatchError(
+            f"{str(header.path)!r}: the targeted tensors' names or dtypes differ from the backbone it was made for "
+            "(e.g. float32 vs bfloat16); cast the model to the dtype it was trained in, or retrain.")
+    if got["values"] != header.backbone.get("values"):
+        raise BackboneMismatchError(
+            f"{str(header.path)!r} holds deltas for specific base weights, and this backbone's weights differ "
+            "(same architecture, other values). Load it onto the exact pretrained weights it was trained on.")
+
+
+def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[AdapterHeader, Prepared]:
+    """Validate an adapter file against ``model`` and build its adapter, without touching ``model``."""
+    header = read_header(path)
+    try:
+        info = get_method(header.method)
+    except UnknownMethodError as exc:
+        plug = header.plugin
+        raise UnknownMethodError(
+            f"{str(header.path)!r} needs method {header.method!r} from plugin distribution "
+            f"{plug.get('distribution')!r} (version {plug.get('version')}); install it "
+            f"(pip install {plug.get('distribution')}) and retry. {exc}") from None
+    try:
+        method = info.cls.configure(**header.config)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{str(header.path)!r} has a config the installed {info.distribution} "
+                               f"{info.version} does not accept (written by {header.plugin.get('version')}): {exc}") from exc
+    _check_backbone(model, header)
+    paths = [p for p, t in header.targets.items() if t["role"] == "target"]
+    train = [p for p, t in header.targets.items() if t["role"] == "train"]
+    prepared = build(model, method, info, paths, train)
+    expected = prepared.modules.file_tensors()
+    missing = sorted(set(expected) - set(header.tensors))
+    unexpected = sorted(set(header.tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{str(header.path)!r} does not match its own metadata: missing tensors "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k}: file {header.tensors[k][0]} {header.tensors[k][1]} vs expected {list(t.shape)} {_st_dtype(t.dtype)}"
+             for k, t in expected.items() if header.tensors[k] != (list(t.shape), _st_dtype(t.dtype))]
+    if wrong:
+        raise AdapterFileError(f"{str(header.path)!r} has tensors of the wrong shape or dtype: {'; '.join(wrong[:5])}")
+    try:
+        with safe_open(str(header.path), framework="pt") as f:
+            values = {k: f.get_tensor(k) for k in expected}
+    except Exception as exc:
+        raise AdapterFileError(f"{str(header.path)!r} could not be read (corrupt data?): {exc}") from exc
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(values[k])
+    return header, prepared
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}.get(dtype, str(dtype))
+
+
+def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> AdaptedModel:
+    """Load an adapter file onto ``model``: a plain backbone (wrapped anew) or an AdaptedModel.
+
+    Everything is checked first (format, method and plugin, targets, shapes, dtypes, fingerprint);
+    a refused load leaves ``model`` exactly as it was.
+
+    Args:
+        model: The backbone the adapter was trained on (freshly built is fine), or an AdaptedModel.
+        path: The ``.safetensors`` adapter file.
+        name: The adapter's name; default: the name stored in the file.
+
+    Returns:
+        The AdaptedModel with the loaded adapter active.
+
+    Raises:
+        AdapterFileError, BackboneMismatchError, UnknownMethodError: the file cannot be used here.
+    """
+    if isinstance(model, AdaptedModel):
+        model.load_adapter(path, name=name)
+        return model
+    header, prepared = read_adapter(model, path)
+    adapted = AdaptedModel(model)
+    adapted.install(name or header.adapter, prepared)
+    adapted.set_adapter(name or header.adapter)
+    return adapted

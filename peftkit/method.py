@@ -1,0 +1,134 @@
+"""What a method plugin implements: a :class:`Method` (config + per-target builder) and the
+:class:`Adapter` modules it builds.
+
+An adapter contributes to its target module in one or both of two forms, and the core picks the
+cheaper one per call:
+
+* **transform** (output space): ``output -> transform(module, args, kwargs, output)``, applied after
+  the target's forward. Serial/parallel adapters; LoRA computed on activations while training.
+* **delta** (weight space): ``{param_name: delta}`` added to the target's own tensors for the
+  duration of its forward. LoRA as ``s * B @ A`` without autograd, sparse FISH deltas, LoRA on
+  ``nn.MultiheadAttention`` whose packed weights the module reads directly.
+
+Whatever has a delta merges exactly into the base weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, TargetError
+
+__all__ = ["Adapter", "Method"]
+
+
+class Adapter(nn.Module):
+    """One target module's adapter. Subclasses override :meth:`transform`, :meth:`delta`, or both.
+
+    Everything in the adapter's ``state_dict()`` is what the adapter file stores for this target.
+    """
+
+    def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Return the target's output with this adapter applied (output-space form).
+
+        Args:
+            module: The target module (frozen).
+            args: Positional inputs the target was called with.
+            kwargs: Keyword inputs the target was called with.
+            output: What the target returned.
+        """
+        raise NotImplementedError
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Weight-space form: tensors to add to the target's own parameters, keyed by their names
+        relative to the target (e.g. ``"weight"``, ``"out_proj.weight"``); ``None`` when this
+        adapter cannot be written as a weight delta (then it cannot be merged)."""
+        return None
+
+    @property
+    def has_transform(self) -> bool:
+        """Whether this adapter implements the output-space form."""
+        return type(self).transform is not Adapter.transform
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether this adapter implements the weight-space form."""
+        return type(self).delta is not Adapter.delta
+
+
+class Method:
+    """Base class of a PEFT method. A plugin registers subclasses through ``register_methods``.
+
+    A subclass sets ``name`` and ``Config`` (a frozen dataclass whose ``__post_init__`` validates
+    it and raises :class:`~peftkit.errors.ConfigError`), and implements :meth:`build`. One
+    instance serves one adapter: ``self.config`` holds its validated config.
+
+    Class attributes:
+        name: The method's registered name, e.g. ``"lora"``.
+        Config: The frozen config dataclass; every field JSON-serialisable.
+        hash_base_values: Whether saved deltas depend on the exact base values (so the file's
+            fingerprint includes a content hash of the targeted base tensors).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    hash_base_values: ClassVar[bool] = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    # -- configuration -------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, **options: Any) -> Method:
+        """Build an instance from keyword options, validating names and values.
+
+        Raises:
+            ConfigError: an option the method does not have, or a bad value.
+        """
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, fields, 1)) else repr(u)
+                     for u in unknown]
+            raise ConfigError(
+                f"method {cls.name!r} has no option {', '.join(hints)}; its options are: "
+                f"{', '.join(sorted(fields))} (plus the common targets, exclude, train, head)."
+            )
+        try:
+            config = cls.Config(**options)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for method {cls.name!r}: {exc}") from exc
+        return cls(config)
+
+    def config_json(self) -> str:
+        """The config as JSON (stored in adapter files)."""
+        return json.dumps(dataclasses.asdict(self.config), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Method:
+        """Rebuild an instance from :meth:`config_json` output."""
+        return cls.configure(**json.loads(text))
+
+    # -- targets -------------------------------------------------------------------------------
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """Module paths to adapt when the user gives no ``targets``."""
+        raise TargetError(f"method {self.name!r} has no default targets; pass targets=[...]")
+
+    def can_adapt(self, module: nn.Module) -> bool:
+        """Whether :meth:`build` accepts this module (used to filter pattern matches)."""
+        return True
+
+    def expand_targets(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
+        """Last word on the target list, after user selection (default: unchanged)."""
+        return list(paths)
+
+    def build(self, path: str, module: nn.Module) -> Adapter:
+        """Build the adapter for the target module at ``path``, on its device and dtype."""
+        raise NotImplementedError

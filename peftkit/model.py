@@ -1,0 +1,502 @@
+"""AdaptedModel: named adapters beside a frozen backbone, and ``wrap``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
+from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
+from .method import Adapter, Method
+from .plugins import MethodInfo, get_method
+from .targets import Selection, _under, host_of, select_modules
+
+__all__ = ["AdaptedModel", "wrap"]
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+class AdapterSet(nn.Module):
+    """The trainable modules of one named adapter: per-target adapters and ``train`` copies."""
+
+    def __init__(self, paths: Sequence[str], adapters: Sequence[Adapter],
+                 train_paths: Sequence[str], copies: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.paths = list(paths)
+        self.adapters = nn.ModuleList(adapters)
+        self.train_paths = list(train_paths)
+        self.copies = nn.ModuleList(copies)
+
+    def items(self) -> Iterator[tuple[str, Adapter]]:
+        return zip(self.paths, self.adapters)  # type: ignore[return-value]
+
+    def train_items(self) -> Iterator[tuple[str, nn.Module]]:
+        return zip(self.train_paths, self.copies)  # type: ignore[return-value]
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything an adapter file stores for this adapter, keyed by backbone path."""
+        out: dict[str, torch.Tensor] = {}
+        for path, module in [*self.items(), *self.train_items()]:
+            for key, t in module.state_dict().items():
+                full = f"{path}.{key}"
+                if full in out:
+                    raise PluginError(f"two adapter tensors share the file key {full!r}; rename one")
+                out[full] = t
+        return out
+
+
+@dataclass
+class Prepared:
+    """An adapter built and validated but not yet attached (so a refusal changes nothing)."""
+
+    method: Method
+    info: MethodInfo
+    modules: AdapterSet
+
+
+@dataclass
+class _Record:
+    method: Method
+    info: MethodInfo
+    modules: AdapterSet
+    merged_versions: tuple[int, ...] = ()
+    merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+
+
+def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
+            train: Selection = None, **options: Any) -> Prepared:
+    """Configure a method and build its adapters for ``model`` without touching ``model``.
+
+    Raises:
+        UnknownMethodError, ConfigError, TargetError: see :func:`wrap`.
+    """
+    info = get_method(method.name if isinstance(method, Method) else method)
+    if isinstance(method, Method):
+        if options:
+            raise ConfigError("pass options either in the Method instance or as keywords, not both")
+        m = method
+    else:
+        m = info.cls.configure(**options)
+    if targets is None:
+        excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
+        paths = [p for p in m.default_targets(model) if not _under(p, excluded)]
+        if not paths:
+            raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
+    else:
+        paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt)
+    paths = m.expand_targets(model, paths)
+    train_paths = select_modules(model, train, what="train") if train is not None else []
+    train_paths = [p for p in train_paths if not _under(p, [q for q in train_paths if q != p])]
+    return build(model, m, info, paths, train_paths)
+
+
+def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str]) -> Prepared:
+    """Build the adapters of ``m`` for exactly these target and ``train`` paths."""
+    for p in paths:
+        if _under(p, train_paths) or any(_under(t, [p]) for t in train_paths):
+            raise TargetError(f"module {p!r} is both a target and (inside) a `train` module; "
+                              "a trained module is saved whole, so drop it from one of the two lists")
+    adapters: list[Adapter] = []
+    for p in paths:
+        adapter = m.build(p, model.get_submodule(p))
+        if not isinstance(adapter, Adapter):
+            raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
+        host, prefix = host_of(model, p)
+        if prefix and not adapter.has_delta:
+            raise TargetError(
+                f"{p!r} never runs its own forward: its parent {type(model.get_submodule(host)).__name__} "
+                f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
+                f"would be dead. Target the parent {host!r} instead."
+            )
+        adapters.append(adapter)
+    copies = []
+    for p in train_paths:
+        c = copy.deepcopy(model.get_submodule(p))
+        for prm in c.parameters():
+            prm.requires_grad_(True)
+        copies.append(c)
+    return Prepared(m, info, AdapterSet(paths, adapters, train_paths, copies))
+
+
+class AdaptedModel(nn.Module):
+    """A frozen backbone with named adapters. Call it exactly like the backbone.
+
+    Build one with :func:`peftkit.wrap` or :func:`peftkit.load`. The backbone's module tree,
+    classes and ``state_dict()`` keys stay as they were; adapters act through forward hooks.
+    Active adapters are trainable, inactive ones frozen; the backbone's parameters and buffers
+    never change (normalisation layers run on their stored statistics) unless you ``merge()``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if isinstance(model, AdaptedModel):
+            raise ConfigError("this model is already an AdaptedModel; use add_adapter() to add another adapter")
+        super().__init__()
+        self.base_model = model
+        self.peft_adapters = nn.ModuleDict()
+        self._records: dict[str, _Record] = {}
+        self._state = RuntimeState()
+        self._slots: dict[str, Slot] = {}
+        self._unchecked: set[str] = set()
+        self._detached = False
+        self._orig_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
+        self._no_fastpath = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- attribute access falls through to the backbone (e.g. a transformers model's .config) -------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_model")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
+
+    # -- calling -------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the backbone with the active adapters applied; same signature and outputs."""
+        self._check_attached()
+        self._hold_frozen_norms()
+        check = bool(self._unchecked) and self.training and torch.is_grad_enabled()
+        if check:
+            for h in self._unchecked:
+                self._slots[h].fired = False
+        with self._fastpath_off() if self._no_fastpath else contextlib.nullcontext():
+            out = self.base_model(*args, **kwargs)
+        if check:
+            dead = sorted(h for h in self._unchecked if h in self._slots and not self._slots[h].fired)
+            self._unchecked.clear()
+            if dead:
+                warnings.warn(
+                    f"adapted modules never ran during a training forward pass, so their adapters get no "
+                    f"gradient: {', '.join(dead[:8])}{' …' if len(dead) > 8 else ''}. Their parent modules "
+                    "probably read their weights directly; target the parents instead.",
+                    RuntimeWarning, stacklevel=2)
+        return out
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _fastpath_off() -> Iterator[None]:
+        # nn.TransformerEncoderLayer's inference fast path reads its children's weights directly,
+        # skipping their forwards (and so our hooks); turn it off while adapters are attached.
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """Set training mode; frozen normalisation layers stay in eval mode (stored statistics)."""
+        super().train(mode)
+        self._hold_frozen_norms()
+        return self
+
+    def _hold_frozen_norms(self) -> None:
+        trained = [p for n in self._state.active if n in self._records
+                   for p in self._records[n].modules.train_paths]
+        for path, m in self.base_model.named_modules():
+            if m.training and isinstance(m, nn.modules.batchnorm._NormBase) and not _under(path, trained):
+                m.eval()
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the adapters applied in the forward pass, in order."""
+        return list(self._state.active)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of every adapter held, active or not."""
+        return list(self._records)
+
+    def add_adapter(self, name: str, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
+                    train: Selection = None, **options: Any) -> None:
+        """Add a new adapter (inactive until :meth:`set_adapter`).
+
+        Args:
+            name: Its name (letters, digits, ``_``, ``-``).
+            method: A registered method name (see :func:`peftkit.methods`).
+            targets: Modules to adapt (see :mod:`peftkit.targets`); the method's default if None.
+            exclude: Modules (and everything under them) never to adapt.
+            train: Modules to train fully and save whole in the adapter file.
+            **options: The method's own options, e.g. ``r=8`` for LoRA.
+        """
+        self._check_attached()
+        self._check_new_name(name)
+        self.install(name, prepare(self.base_model, method, targets=targets, exclude=exclude, train=train, **options))
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"adapter name {name!r} is not valid; use letters, digits, '_' and '-'")
+        if name in self._records:
+            raise UnknownAdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+
+    def load_adapter(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Load an adapter file as a new, inactive adapter (validated first; a refusal changes nothing).
+
+        Returns:
+            The adapter's name: ``name``, or the name stored in the file.
+        """
+        from .io import read_adapter, read_header
+
+        self._check_attached()
+        name = name or read_header(path).adapter
+        self._check_new_name(name)
+        _, prepared = read_adapter(self.base_model, path)
+        self.install(name, prepared)
+        return name
+
+    def install(self, name: str, prepared: Prepared) -> None:
+        """Attach a prepared adapter under ``name`` (used by add_adapter and by loading)."""
+        self._check_new_name(name)
+        base = self.base_model
+        mods = prepared.modules
+        entries: list[tuple[str, Entry]] = []
+        for path, adapter in mods.items():
+            host, prefix = host_of(base, path)
+            entries.append((host, Entry(name, base.get_submodule(path), prefix, adapter=adapter)))
+        for path, c in mods.train_items():
+            entries.append((path, Entry(name, base.get_submodule(path), replacement=c)))
+        for host, entry in entries:
+            if host not in self._slots:
+                self._slots[host] = Slot(base.get_submodule(host), self._state)
+                self._unchecked.add(host)
+            self._slots[host].entries.append(entry)
+        self.peft_adapters[name] = mods
+        self._records[name] = _Record(prepared.method, prepared.info, mods)
+        for p in mods.parameters():
+            p.requires_grad_(False)
+        self._no_fastpath = any(isinstance(m, nn.TransformerEncoderLayer) for m in base.modules())
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters (applied in that order); they become trainable and the
+        others frozen."""
+        self._check_attached()
+        wanted = [names] if isinstance(names, str) else list(names)
+        for n in wanted:
+            self._record(n)
+        if self._state.merged - set(wanted):
+            raise MergeError(f"adapters {sorted(self._state.merged)} are merged; unmerge() before changing the active set")
+        self._state.active = wanted
+        for n, rec in self._records.items():
+            for p in rec.modules.parameters():
+                p.requires_grad_(n in wanted)
+        self._hold_frozen_norms()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter (unmerging it first if merged) and its hooks."""
+        self._check_attached()
+        self._record(name)
+        if name in self._state.merged:
+            self._unmerge([name])
+        for host in list(self._slots):
+            slot = self._slots[host]
+            slot.entries = [e for e in slot.entries if e.adapter_name != name]
+            if not slot.entries:
+                slot.remove()
+                del self._slots[host]
+                self._unchecked.discard(host)
+        del self._records[name]
+        del self.peft_adapters[name]
+        self._state.active = [n for n in self._state.active if n != name]
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Context in which the model gives exactly the backbone's outputs."""
+        if self._state.merged:
+            raise MergeError("adapters are merged into the weights; unmerge() before disable_adapters()")
+        before = self._state.disabled
+        self._state.disabled = True
+        try:
+            yield
+        finally:
+            self._state.disabled = before
+
+    def _record(self, name: str) -> _Record:
+        if name not in self._records:
+            raise UnknownAdapterError(f"no adapter named {name!r}; this model holds: {', '.join(self._records) or '(none)'}")
+        return self._records[name]
+
+    # -- merging -------------------------------------------------------------------------------
+    def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(description, base tensor, delta) for each weight-space contribution of an adapter."""
+        rec = self._records[name]
+        for path, adapter in rec.modules.items():
+            host, prefix = host_of(self.base_model, path)
+            deltas = adapter.delta(self.base_model.get_submodule(path)) if adapter.has_delta else None
+            if deltas is None:
+                raise MergeError(
+                    f"adapter {name!r} ({rec.method.name}) at {path!r} cannot be written as a weight delta, "
+                    "so it cannot be merged. Keep it unmerged, or use unwrap(merge=False)."
+                )
+            hostmod = self.base_model.get_submodule(host)
+            for tname, d in deltas.items():
+                store, key = tensor_slot(hostmod, prefix + tname)
+                yield f"{host}.{prefix}{tname}".lstrip("."), store[key], d
+
+    def merge(self) -> None:
+        """Fold the active adapters into the backbone's weights (idempotent).
+
+        Nothing changes unless every active adapter can merge and the merged weights are finite.
+
+        Raises:
+            MergeError: an adapter that has no weight-space form, or a merge giving NaN/inf.
+        """
+        self._check_attached()
+        names = [n for n in self._state.active if n not in self._state.merged]
+        if not names or self._state.disabled:
+            return
+        with torch.no_grad():
+            for n in names:  # check everything before changing anything
+                for what, base, d in self._deltas(n):
+                    if not torch.isfinite(base + d.to(base.dtype)).all():
+                        raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
+                for path, c in self._records[n].modules.train_items():
+                    for tn, t in replacement_tensors(c):
+                        if t.is_floating_point() and not torch.isfinite(t).all():
+                            raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
+            for n in names:
+                rec = self._records[n]
+                for _, base, d in self._deltas(n):
+                    base.add_(d.to(base.dtype))
+                for path, c in rec.modules.train_items():
+                    module = self.base_model.get_submodule(path)
+                    for tn, t in replacement_tensors(c):
+                        store, key = tensor_slot(module, tn)
+                        rec.merged_originals.append((store, key, store[key]))
+                        new = t.detach().clone()
+                        store[key] = nn.Parameter(new, requires_grad=False) if isinstance(store[key], nn.Parameter) else new
+                rec.merged_versions = _versions(rec.modules)
+                self._state.merged.add(n)
+
+    def unmerge(self) -> None:
+        """Take merged adapters back out of the backbone's weights (idempotent)."""
+        self._check_attached()
+        self._unmerge(sorted(self._state.merged))
+
+    def _unmerge(self, names: list[str]) -> None:
+        for n in names:
+            rec = self._records[n]
+            if _versions(rec.modules) != rec.merged_versions:
+                raise MergeError(f"adapter {n!r} was changed while merged, so it cannot be unmerged exactly; "
+                                 "do not train a merged model (unmerge first)")
+        with torch.no_grad():
+            for n in names:
+                rec = self._records[n]
+                for _, base, d in self._deltas(n):
+                    base.sub_(d.to(base.dtype))
+                for store, key, original in reversed(rec.merged_originals):
+                    store[key] = original
+                rec.merged_originals.clear()
+                self._state.merged.discard(n)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is currently merged into the backbone."""
+        return bool(self._state.merged)
+
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """Detach every adapter and return the plain backbone.
+
+        Args:
+            merge: Fold the active adapters into the weights first (else the backbone comes back
+                exactly as it was given to ``wrap``).
+
+        Raises:
+            MergeError: ``merge=True`` and an active adapter cannot be merged (nothing changes).
+        """
+        self._check_attached()
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        for slot in self._slots.values():
+            slot.remove()
+        self._slots.clear()
+        base = self.base_model
+        for n, p in base.named_parameters(remove_duplicate=False):
+            p.requires_grad_(self._orig_grad.get(n, False) if not merge else self._orig_grad.get(n, True))
+        for n, m in base.named_modules(remove_duplicate=False):
+            m.training = self._orig_training.get(n, m.training)
+        self._detached = True
+        return base
+
+    def _check_attached(self) -> None:
+        if self.__dict__.get("_detached"):
+            raise ConfigError("this AdaptedModel was unwrapped; wrap the backbone again to use adapters")
+
+    # -- reporting -----------------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        """Number of parameters that require gradients (the active adapters')."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def summary(self) -> str:
+        """A short table: adapters, methods, targets, trainable and total parameters."""
+        base_n = sum(p.numel() for p in self.base_model.parameters())
+        rows = [("adapter", "method", "active", "targets", "train", "parameters")]
+        for n, rec in self._records.items():
+            count = sum(p.numel() for p in rec.modules.parameters())
+            flag = "merged" if n in self._state.merged else ("yes" if n in self._state.active else "no")
+            rows.append((n, rec.method.name, flag, str(len(rec.modules.paths)), str(len(rec.modules.train_paths)), f"{count:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"AdaptedModel({type(self.base_model).__name__})"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        trainable = self.trainable_parameters()
+        total = base_n + sum(p.numel() for p in self.peft_adapters.parameters())
+        pct = 100.0 * trainable / total if total else math.nan
+        lines.append(f"  trainable {trainable:,} of {total:,} parameters ({pct:.3f}%)")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"active={self._state.active}, merged={sorted(self._state.merged)}"
+
+
+def _versions(module: nn.Module) -> tuple[int, ...]:
+    return tuple(t._version for t in module.parameters())
+
+
+def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selection = None,
+         exclude: Selection = None, train: Selection = None, **options: Any) -> AdaptedModel:
+    """Wrap ``model`` with a new adapter of ``method``; the backbone is frozen.
+
+    Args:
+        model: Any ``torch.nn.Module``.
+        method: A registered method name, e.g. ``"lora"`` (see :func:`peftkit.methods`).
+        name: The adapter's name.
+        targets: Which modules to adapt: names, dotted suffixes, a regex, module types or a
+            callable ``(path, module) -> bool``; the method's default when None.
+        exclude: Modules never to adapt (with everything under them).
+        train: Modules trained fully and saved whole in the adapter file.
+        **options: The method's own options (e.g. ``r=8, alpha=16`` for LoRA).
+
+    Returns:
+        An :class:`AdaptedModel` whose ``name`` adapter is active and trainable.
+
+    Raises:
+        UnknownMethodError: no plugin provides ``method`` (the message lists those that exist).
+        TargetError: the selection matches nothing (the message lists the nearest module names).
+        ConfigError: an unknown option or a bad value.
+
+    Example::
+
+        m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=8)
+        m.summary()
+    """
+    prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, **options)
+    adapted = AdaptedModel(model)
+    adapted.install(name, prepared)
+    adapted.set_adapter(name)
+    return adapted

@@ -1,0 +1,159 @@
+"""The plugin manager: finds methods through the ``peftkit`` entry-point group, lazily.
+
+Built-in methods are entry points of the ``peftkit`` distribution itself, exactly like a
+third-party plugin's. ``PEFTKIT_LOAD_PLUGINS`` (a comma list of entry-point names) restricts the
+third-party plugins that load; set but empty, only the built-ins load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownMethodError
+
+if TYPE_CHECKING:
+    from .method import Method
+
+ENTRY_POINT_GROUP = "peftkit"
+BUILTIN_DISTRIBUTION = "peftkit"
+
+pm = pluggy.PluginManager("peftkit")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+_failed: dict[str, str] = {}  # entry-point name -> why it failed to load
+_origin: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``peftkit.methods()`` tells about one method.
+
+    Attributes:
+        name: The method's name, as passed to ``peftkit.wrap``.
+        plugin: The plugin (entry-point name) that registers it.
+        distribution: The installed distribution that provides the plugin.
+        version: That distribution's version.
+        doc: The first line of the method's docstring.
+        cls: The Method subclass.
+    """
+
+    name: str
+    plugin: str
+    distribution: str
+    version: str
+    doc: str
+    cls: type[Method]
+
+
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name.lower().replace("_", "-") == BUILTIN_DISTRIBUTION
+
+
+def load_plugins() -> None:
+    """Import and register every plugin of the ``peftkit`` entry-point group (once).
+
+    A plugin that fails to import is reported in a warning with its name and skipped, so one broken
+    plugin does not break the others; :func:`failed_plugins` lists them.
+    """
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    allowed_env = os.environ.get("PEFTKIT_LOAD_PLUGINS")
+    allowed = None if allowed_env is None else {s.strip() for s in allowed_env.split(",") if s.strip()}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and not _is_builtin(ep) and ep.name not in allowed:
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        dist = getattr(ep, "dist", None)
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken plugin must not break the others
+            _failed[ep.name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"peftkit plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
+                f"{_failed[ep.name]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        _origin[ep.name] = (dist.name, dist.version) if dist is not None else (ep.name, "unknown")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"a peftkit plugin implements a hook that does not exist: {exc}. "
+            "Check the hook's name against peftkit.hookspecs (e.g. register_methods)."
+        ) from exc
+
+
+def failed_plugins() -> dict[str, str]:
+    """Entry-point names of plugins that failed to load, with the reason."""
+    load_plugins()
+    return dict(_failed)
+
+
+def method_infos() -> dict[str, MethodInfo]:
+    """Collect every registered method by calling each plugin's ``register_methods`` hook.
+
+    Raises:
+        PluginError: two plugins register a method of the same name, or a plugin registers
+            something that is not a ``peftkit.Method`` subclass.
+    """
+    from .method import Method
+
+    load_plugins()
+    found: dict[str, MethodInfo] = {}
+    for impl in pm.hook.register_methods.get_hookimpls():
+        plugin = impl.plugin_name
+        dist, version = _origin.get(plugin, (plugin, getattr(impl.plugin, "__version__", "unknown")))
+
+        def register(cls: type[Method], _plugin: str = plugin, _dist: str = dist, _ver: str = version) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, Method)):
+                raise PluginError(
+                    f"plugin {_plugin!r} registered {cls!r}, which is not a peftkit.Method subclass; "
+                    "register(...) takes the Method class itself"
+                )
+            name = getattr(cls, "name", "")
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_plugin!r} registered {cls.__name__} without a `name`")
+            other = found.get(name)
+            if other is not None and other.cls is not cls:
+                raise PluginError(
+                    f"two plugins register the method {name!r}: {other.plugin!r} "
+                    f"({other.distribution}) and {_plugin!r} ({_dist}). Uninstall one, or restrict "
+                    "plugins with PEFTKIT_LOAD_PLUGINS."
+                )
+            doc = (cls.__doc__ or "").strip().splitlines()
+            found[name] = MethodInfo(name, _plugin, _dist, _ver, doc[0] if doc else "", cls)
+
+        impl.function(**{arg: register for arg in impl.argnames})
+    return dict(sorted(found.items()))
+
+
+def get_method(name: str) -> MethodInfo:
+    """The registered method called ``name``.
+
+    Raises:
+        UnknownMethodError: no loaded plugin provides it; the message lists those that exist.
+    """
+    infos = method_infos()
+    if name in infos:
+        return infos[name]
+    msg = f"unknown method {name!r}; available: {', '.join(infos) or '(none)'}."
+    if not infos:
+        msg += " No plugin is registered: is peftkit installed (`pip install -e .`)?"
+    if _failed:
+        msg += f" Plugins that failed to load: {', '.join(sorted(_failed))}."
+    raise UnknownMethodError(msg)

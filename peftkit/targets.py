@@ -1,0 +1,170 @@
+"""Choosing modules: target selection, the output layer, and where a target's tensors are read.
+
+A *selector* is one of:
+  * a string: a module path (``"encoder.layer.0.attention.self.query"``), a dotted suffix
+    (``"query"``, ``"self.query"``), or a regular expression matched against the full path
+    (``r"encoder\\.layer\\.[0-5]\\.attention\\.self\\.(query|value)"``);
+  * a module type (``nn.Linear``), matching instances;
+  * a callable ``(path, module) -> bool``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
+
+from torch import nn
+
+from .errors import TargetError
+
+Selector = Union[str, type, Callable[[str, nn.Module], bool]]
+Selection = Union[Selector, Sequence[Selector], None]
+
+__all__ = ["Selection", "Selector", "find_output_layer", "select_modules"]
+
+
+def _as_list(selection: Selection) -> list[Selector]:
+    if selection is None:
+        return []
+    if isinstance(selection, (str, type)) or callable(selection):
+        return [selection]  # type: ignore[list-item]
+    return list(selection)
+
+
+def _by_name(selector: str, path: str) -> bool:
+    return path == selector or path.endswith("." + selector)
+
+
+def _by_pattern(selector: Selector, path: str, module: nn.Module) -> bool:
+    if isinstance(selector, str):
+        try:
+            return re.fullmatch(selector, path) is not None
+        except re.error:
+            return False
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    if callable(selector):
+        return bool(selector(path, module))
+    raise TargetError(
+        f"bad target selector {selector!r} ({type(selector).__name__}); expected a module name, "
+        "a dotted suffix, a regex string, a module type, or a callable (path, module) -> bool"
+    )
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def nearest_names(model: nn.Module, wanted: str, n: int = 5) -> list[str]:
+    """Module paths (and leaf names) of ``model`` closest to ``wanted``, for error messages."""
+    paths = [p for p, _ in model.named_modules() if p]
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    close = difflib.get_close_matches(wanted, leaves, n, 0.5) + difflib.get_close_matches(wanted, paths, n, 0.5)
+    return list(dict.fromkeys(close))[:n] or paths[:n]
+
+
+def select_modules(
+    model: nn.Module,
+    targets: Selection,
+    exclude: Selection = None,
+    *,
+    can_adapt: Callable[[nn.Module], bool] = lambda m: True,
+    what: str = "targets",
+) -> list[str]:
+    """Paths of the modules that ``targets`` selects, minus ``exclude`` and everything under it.
+
+    A module selected by its name or suffix must be adaptable (else an error); modules that only a
+    pattern (regex, type, callable) selects are kept when ``can_adapt`` accepts them.
+
+    Raises:
+        TargetError: the selection matches nothing (the message lists the nearest names), or names
+            a module that cannot be adapted.
+    """
+    selectors = _as_list(targets)
+    excluded_sel = _as_list(exclude)
+    modules = [(p, m) for p, m in model.named_modules() if p]
+    excluded = [p for p, m in modules if any(
+        (isinstance(s, str) and _by_name(s, p)) or _by_pattern(s, p, m) for s in excluded_sel)]
+    chosen: list[str] = []
+    refused: list[str] = []
+    for path, module in modules:
+        if _under(path, excluded):
+            continue
+        named = any(isinstance(s, str) and _by_name(s, path) for s in selectors)
+        if named:
+            (chosen if can_adapt(module) else refused).append(path)
+        elif any(_by_pattern(s, path, module) for s in selectors) and can_adapt(module):
+            chosen.append(path)
+    if refused:
+        kinds = ", ".join(f"{p} ({type(model.get_submodule(p)).__name__})" for p in refused[:5])
+        raise TargetError(
+            f"{what} {selectors!r} name modules this method cannot adapt: {kinds}. "
+            "Select the layers inside them instead (by suffix, regex or type)."
+        )
+    if not chosen:
+        wanted = next((s for s in selectors if isinstance(s, str)), "")
+        hint = f" Nearest module names: {', '.join(nearest_names(model, wanted))}." if wanted else ""
+        raise TargetError(f"{what} {selectors!r} (exclude={excluded_sel!r}) match no module of {type(model).__name__}.{hint}")
+    return chosen
+
+
+def _leaf_with_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def find_output_layer(model: nn.Module, example_input: Any = None) -> str | None:
+    """The path of the model's output layer: the last parametrised module producing its output.
+
+    With ``example_input`` (a tensor, or a tuple of positional inputs) one forward pass is traced
+    with hooks: the last parametrised module whose output is (part of) the model's output wins,
+    else the last one that ran. Without it, the last parametrised leaf in registration order.
+    """
+    candidates = [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m)]
+    if not candidates:
+        return None
+    if example_input is None:
+        return candidates[-1][0]
+    import torch
+
+    ran: list[tuple[str, int]] = []
+    handles = [m.register_forward_hook(lambda mod, a, out, _p=p: ran.append((_p, id(out))))
+               for p, m in candidates]
+    try:
+        with torch.no_grad():
+            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    produced = {id(t) for t in _flatten(out)}
+    for path, out_id in reversed(ran):
+        if out_id in produced:
+            return path
+    return ran[-1][0] if ran else candidates[-1][0]
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _flatten(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _flatten(v)]
+    return [obj]
+
+
+def host_of(model: nn.Module, path: str) -> tuple[str, str]:
+    """Where the tensors of the module at ``path`` are read: ``(host_path, prefix)``.
+
+    Usually the module itself (``(path, "")``). ``nn.MultiheadAttention`` reads its ``out_proj``
+    weight directly and never calls ``out_proj.forward``, so its host is the attention module and
+    the prefix ``"out_proj."``: an adapter there must act in weight space.
+    """
+    if "." in path:
+        parent_path, leaf = path.rsplit(".", 1)
+    else:
+        parent_path, leaf = "", path
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj":
+        return parent_path, "out_proj."
+    return path, ""

@@ -1,0 +1,297 @@
+"""LoRA (Hu et al. 2021): ``W -> W + s * B @ A`` with ``A`` (r x in) and ``B`` (out x r).
+
+``r * (in + out)`` trainable values instead of ``in * out``. ``s = alpha / r`` (``alpha / sqrt(r)``
+with rslora). Targets: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (a k x k conv in -> r, then a 1 x 1 conv
+r -> out, group-wise for grouped convs), ``nn.Embedding``, ``nn.MultiheadAttention`` (its packed
+in-projection and its ``out_proj``) and Hugging Face ``Conv1D`` (weight stored transposed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, TargetError
+from peftkit.targets import _by_name, _by_pattern, find_output_layer
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Options of the ``lora`` method."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 8.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    dropout: float = 0.0  # dropout on the adapter's input (output-space form; MHA targets ignore it)
+    init: str | bool = "kaiming"  # "kaiming": A kaiming-uniform, B zero | "gaussian": A ~ N(0, 1/r), B zero | False: random
+    bias: str = "none"  # "none" | "lora_only": train a bias delta on each target | "all": on every bias in the model
+    fan_in_fan_out: bool = False  # target weights stored (in, out), as in Hugging Face Conv1D (detected automatically)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/suffix/regex -> r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module name/suffix/regex -> alpha
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, want: str) -> ConfigError:
+            return ConfigError(f"lora option {name}={value!r} is invalid; expected {want}")
+
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise bad("r", self.r, "a positive integer rank such as 8")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise bad("alpha", self.alpha, "a positive number such as 16")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", self.dropout, "a probability in [0, 1)")
+        if self.init not in ("kaiming", "gaussian", True, False):
+            raise bad("init", self.init, "'kaiming', 'gaussian', True or False")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise bad("bias", self.bias, "'none', 'lora_only' or 'all'")
+        for k, v in self.rank_pattern.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(f"rank_pattern[{k!r}]", v, "a positive integer rank")
+        for k, v in self.alpha_pattern.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise bad(f"alpha_pattern[{k!r}]", v, "a positive number")
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _init_pair(owner: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...], like: torch.Tensor,
+               init: str | bool, embedding: bool = False) -> None:
+    kw = {"device": like.device, "dtype": like.dtype}
+    owner.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
+    owner.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
+    A, B = owner.lora_A, owner.lora_B
+    with torch.no_grad():
+        if init is False:  # random: the adapter is not the identity (tests)
+            nn.init.normal_(A, std=1.0 / math.sqrt(a_shape[1]))
+            nn.init.normal_(B, std=0.1)
+        elif embedding:  # rows are looked up, so keep B random and A zero (as PEFT does)
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / a_shape[0])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+
+class LowRank(nn.Module):
+    """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
+
+    def __init__(self, in_f: int, out_f: int, r: int, scale: float, like: torch.Tensor, init: str | bool,
+                 bias: bool) -> None:
+        super().__init__()
+        _init_pair(self, (r, in_f), (out_f, r), like, init)
+        self.scale = scale
+        self.lora_bias = nn.Parameter(torch.zeros(out_f, device=like.device, dtype=like.dtype)) if bias else None
+
+    def weight_delta(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+
+
+class LinearLoRA(peftkit.Adapter):
+    """LoRA on a Linear (or transposed Conv1D) layer."""
+
+    def __init__(self, module: nn.Module, r: int, scale: float, dropout: float, init: str | bool, bias: bool,
+                 transposed: bool) -> None:
+        super().__init__()
+        w = module.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+        _init_pair(self, (r, in_f), (out_f, r), w, init)
+        self.scale = scale
+        self.transposed = transposed
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        has_bias = bias and getattr(module, "bias", None) is not None
+        self.lora_bias = nn.Parameter(torch.zeros(out_f, device=w.device, dtype=w.dtype)) if has_bias else None
+
+    def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["input"]
+        h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        out = output + self.scale * h
+        return out + self.lora_bias if self.lora_bias is not None else out
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        d = self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+        deltas = {"weight": d.T if self.transposed else d}
+        if self.lora_bias is not None:
+            deltas["bias"] = self.lora_bias
+        return deltas
+
+
+class ConvLoRA(peftkit.Adapter):
+    """LoRA on a Conv1d/2d/3d: a k x k conv in -> r then a 1 x 1 conv r -> out, both per group."""
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, r: int, scale: float, dropout: float,
+                 init: str | bool, bias: bool) -> None:
+        super().__init__()
+        g = module.groups
+        self.rank = g * math.ceil(r / g)  # at least one rank per group, so the delta keeps the group structure
+        nd = len(module.kernel_size)
+        w = module.weight
+        _init_pair(self, (self.rank, module.in_channels // g, *module.kernel_size),
+                   (module.out_channels, self.rank // g, *([1] * nd)), w, init)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        has_bias = bias and module.bias is not None
+        self.lora_bias = nn.Parameter(torch.zeros(module.out_channels, device=w.device, dtype=w.dtype)) if has_bias else None
+
+    def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["input"]
+        h = module._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
+        h = _CONV_FN[self.lora_A.dim() - 2](h, self.lora_B, groups=module.groups)  # (N, out, *spatial_out)
+        out = output + self.scale * h
+        if self.lora_bias is not None:
+            out = out + self.lora_bias.view(-1, *([1] * (out.dim() - 2)))
+        return out
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        g = module.groups
+        out_c = self.lora_B.shape[0]
+        a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
+        b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
+        d = torch.bmm(b, a).reshape(module.weight.shape)  # (out, in/g, k...)
+        deltas = {"weight": self.scale * d}
+        if self.lora_bias is not None:
+            deltas["bias"] = self.lora_bias
+        return deltas
+
+
+class EmbeddingLoRA(peftkit.Adapter):
+    """LoRA on an Embedding: rows of ``A.T`` (num x r) are looked up, then projected by ``B``."""
+
+    def __init__(self, module: nn.Embedding, r: int, scale: float, init: str | bool) -> None:
+        super().__init__()
+        _init_pair(self, (r, module.num_embeddings), (module.embedding_dim, r), module.weight, init, embedding=True)
+        self.scale = scale
+
+    def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        idx = args[0] if args else kwargs["input"]
+        h = F.embedding(idx, self.lora_A.T, padding_idx=module.padding_idx)  # (..., r)
+        return output + self.scale * (h @ self.lora_B.T)  # (..., dim)
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.scale * (self.lora_B @ self.lora_A).T}  # (num, dim)
+
+
+class MultiheadAttentionLoRA(peftkit.Adapter):
+    """LoRA on nn.MultiheadAttention: on its packed (or separate) in-projection and its out_proj.
+
+    The module reads these weights directly, so this adapter works in weight space only.
+    """
+
+    def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool) -> None:
+        super().__init__()
+        E = module.embed_dim
+        like = module.out_proj.weight
+        if module._qkv_same_embed_dim:
+            self.in_proj = LowRank(E, 3 * E, r, scale, like, init, bias and module.in_proj_bias is not None)
+        else:
+            self.q_proj = LowRank(E, E, r, scale, like, init, False)
+            self.k_proj = LowRank(module.kdim, E, r, scale, like, init, False)
+            self.v_proj = LowRank(module.vdim, E, r, scale, like, init, False)
+        self.out_proj = LowRank(E, E, r, scale, like, init, bias and module.out_proj.bias is not None)
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        deltas = {}
+        for name, tensor in (("in_proj", "in_proj_weight"), ("q_proj", "q_proj_weight"),
+                             ("k_proj", "k_proj_weight"), ("v_proj", "v_proj_weight"), ("out_proj", "out_proj.weight")):
+            part = getattr(self, name, None)
+            if part is None:
+                continue
+            deltas[tensor] = part.weight_delta()
+            if part.lora_bias is not None:
+                deltas["in_proj_bias" if name == "in_proj" else "out_proj.bias"] = part.lora_bias
+        return deltas
+
+
+class BiasDelta(peftkit.Adapter):
+    """A trainable delta on a module's bias only (``bias="all"`` on modules that are not targets)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.lora_bias = nn.Parameter(torch.zeros_like(module.bias, requires_grad=False))
+
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"bias": self.lora_bias}
+
+
+class LoRA(peftkit.Method):
+    """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding and MultiheadAttention layers."""
+
+    name = "lora"
+    Config = LoraConfig
+
+    def can_adapt(self, module: nn.Module) -> bool:
+        if isinstance(module, _CONVS):
+            return True
+        return isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention)) or _is_hf_conv1d(module)
+
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """Every Linear/Conv layer (and MultiheadAttention) except the output layer; depthwise convs
+        are skipped (a per-channel k x k filter has no low-rank structure to exploit)."""
+        head = find_output_layer(model)
+        paths = []
+        for path, m in model.named_modules():
+            if not path or path == head:
+                continue
+            if isinstance(m, _CONVS) and m.groups > 1 and m.in_channels == m.groups:
+                continue
+            if isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention)) or _is_hf_conv1d(m):
+                paths.append(path)
+        return paths
+
+    def expand_targets(self, model: nn.Module, paths: list[str]) -> list[str]:
+        mha = {p for p in paths if isinstance(model.get_submodule(p), nn.MultiheadAttention)}
+        # an attention module's adapter already covers its out_proj
+        kept = [p for p in paths if not (p.endswith(".out_proj") and p[: -len(".out_proj")] in mha)]
+        if self.config.bias == "all":
+            covered = set(kept) | {f"{p}.out_proj" for p in mha}
+            kept += [p for p, m in model.named_modules()
+                     if p and p not in covered and isinstance(getattr(m, "bias", None), nn.Parameter)]
+        self._bias_only = set(kept) - set(paths)
+        return kept
+
+    def _pick(self, pattern: dict[str, Any], path: str, default: Any) -> Any:
+        for key, value in pattern.items():
+            if _by_name(key, path) or _by_pattern(key, path, None):  # type: ignore[arg-type]
+                return value
+        return default
+
+    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+        c = self.config
+        if path in getattr(self, "_bias_only", ()):
+            return BiasDelta(module)
+        r = self._pick(c.rank_pattern, path, c.r)
+        alpha = self._pick(c.alpha_pattern, path, c.alpha)
+        scale = alpha / math.sqrt(r) if c.rslora else alpha / r
+        init = "kaiming" if c.init is True else c.init
+        bias = c.bias != "none"
+        if isinstance(module, nn.MultiheadAttention):
+            return MultiheadAttentionLoRA(module, r, scale, init, bias)
+        if isinstance(module, _CONVS):
+            return ConvLoRA(module, r, scale, c.dropout, init, bias)
+        if isinstance(module, nn.Embedding):
+            return EmbeddingLoRA(module, r, scale, init)
+        if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+            transposed = _is_hf_conv1d(module) or (c.fan_in_fan_out and not isinstance(module, nn.Linear))
+            return LinearLoRA(module, r, scale, c.dropout, init, bias, transposed)
+        raise TargetError(
+            f"lora cannot adapt {path!r} ({type(module).__name__}); it adapts Linear, Conv1d/2d/3d, Embedding, "
+            "MultiheadAttention and Hugging Face Conv1D layers"
+        )
+
+
+@peftkit.hookimpl
+def register_methods(register: Any) -> None:
+    register(LoRA)

@@ -19,7 +19,7 @@ from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
 from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
 from .method import Adapter, Method
 from .plugins import MethodInfo, get_method
-from .targets import Selection, _under, host_of, select_modules
+from .targets import Selection, _under, calls_forward, host_of, select_modules
 
 __all__ = ["AdaptedModel", "wrap"]
 
@@ -71,6 +71,7 @@ class _Record:
     modules: AdapterSet
     merged_versions: tuple[int, ...] = ()
     merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    merged_deltas: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
@@ -113,11 +114,13 @@ def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train
             raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
         host, prefix = host_of(model, p)
         if prefix and not adapter.has_delta:
-            raise TargetError(
-                f"{p!r} never runs its own forward: its parent {type(model.get_submodule(host)).__name__} "
-                f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
-                f"would be dead. Target the parent {host!r} instead."
-            )
+            parent = model.get_submodule(p.rsplit(".", 1)[0]) if "." in p else model
+            if not calls_forward(parent, p.rsplit(".", 1)[-1]):
+                raise TargetError(
+                    f"{p!r} never runs its own forward: {type(model.get_submodule(host)).__name__} at {host!r} "
+                    f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
+                    f"would be dead. Target {host!r} instead."
+                )
         adapters.append(adapter)
     copies = []
     for p in train_paths:
@@ -266,7 +269,7 @@ class AdaptedModel(nn.Module):
         mods = prepared.modules
         entries: list[tuple[str, Entry]] = []
         for path, adapter in mods.items():
-            host, prefix = host_of(base, path)
+            host, prefix = _host(base, path, adapter)
             entries.append((host, Entry(name, base.get_submodule(path), prefix, adapter=adapter)))
         for path, c in mods.train_items():
             entries.append((path, Entry(name, base.get_submodule(path), replacement=c)))
@@ -331,21 +334,23 @@ class AdaptedModel(nn.Module):
         return self._records[name]
 
     # -- merging -------------------------------------------------------------------------------
-    def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(description, base tensor, delta) for each weight-space contribution of an adapter."""
+    def _deltas(self, name: str, reads_base: bool | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(description, base tensor, delta) for each weight-space contribution of an adapter
+        (only those whose ``delta_reads_base`` equals ``reads_base``, when given)."""
         rec = self._records[name]
         for path, adapter in rec.modules.items():
-            host, prefix = host_of(self.base_model, path)
-            deltas = adapter.delta(self.base_model.get_submodule(path)) if adapter.has_delta else None
+            if reads_base is not None and adapter.delta_reads_base != reads_base:
+                continue
+            target = self.base_model.get_submodule(path)
+            deltas = adapter.delta(target) if adapter.has_delta else None
             if deltas is None:
                 raise MergeError(
                     f"adapter {name!r} ({rec.method.name}) at {path!r} cannot be written as a weight delta, "
                     "so it cannot be merged. Keep it unmerged, or use unwrap(merge=False)."
                 )
-            hostmod = self.base_model.get_submodule(host)
             for tname, d in deltas.items():
-                store, key = tensor_slot(hostmod, prefix + tname)
-                yield f"{host}.{prefix}{tname}".lstrip("."), store[key], d
+                store, key = tensor_slot(target, tname)
+                yield f"{path}.{tname}", store[key], d
 
     def merge(self) -> None:
         """Fold the active adapters into the backbone's weights (idempotent).
@@ -370,8 +375,12 @@ class AdaptedModel(nn.Module):
                             raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
             for n in names:
                 rec = self._records[n]
-                for _, base, d in self._deltas(n):
+                for _, base, d in self._deltas(n, reads_base=False):
                     base.add_(d.to(base.dtype))
+                for _, base, d in list(self._deltas(n, reads_base=True)):
+                    d = d.detach().to(base.dtype).clone()  # computed from base: keep it for unmerge
+                    base.add_(d)
+                    rec.merged_deltas.append((base, d))
                 for path, c in rec.modules.train_items():
                     module = self.base_model.get_submodule(path)
                     for tn, t in replacement_tensors(c):
@@ -396,8 +405,11 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for n in names:
                 rec = self._records[n]
-                for _, base, d in self._deltas(n):
+                for _, base, d in self._deltas(n, reads_base=False):
                     base.sub_(d.to(base.dtype))
+                for base, d in reversed(rec.merged_deltas):
+                    base.sub_(d)
+                rec.merged_deltas.clear()
                 for store, key, original in reversed(rec.merged_originals):
                     store[key] = original
                 rec.merged_originals.clear()
@@ -462,6 +474,13 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self._state.active}, merged={sorted(self._state.merged)}"
+
+
+def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:
+    """Where an adapter acts: the ancestor reading the target's tensors directly (weight space),
+    except for a transform-only adapter whose target still runs its own forward."""
+    host, prefix = host_of(model, path)
+    return (path, "") if prefix and not adapter.has_delta else (host, prefix)
 
 
 def _versions(module: nn.Module) -> tuple[int, ...]:

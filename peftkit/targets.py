@@ -11,6 +11,8 @@ A *selector* is one of:
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
@@ -153,18 +155,39 @@ def _flatten(obj: Any) -> list[Any]:
     return [obj]
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def reads_directly(ancestor: nn.Module, rel: str) -> bool:
+    """Whether ``ancestor.forward`` reads the tensors of its submodule ``rel`` itself (e.g.
+    ``F.linear(x, self.qkv.weight)``) instead of (only) calling that submodule."""
+    return re.search(rf"self\.{re.escape(rel)}\.[A-Za-z_]\w*(?!\w|\s*\()", _forward_source(type(ancestor))) is not None
+
+
+def calls_forward(ancestor: nn.Module, rel: str) -> bool:
+    """Whether ``ancestor.forward`` calls its submodule ``rel`` (so its hooks run)."""
+    return re.search(rf"self\.{re.escape(rel)}\s*\(", _forward_source(type(ancestor))) is not None
+
+
 def host_of(model: nn.Module, path: str) -> tuple[str, str]:
     """Where the tensors of the module at ``path`` are read: ``(host_path, prefix)``.
 
-    Usually the module itself (``(path, "")``). ``nn.MultiheadAttention`` reads its ``out_proj``
-    weight directly and never calls ``out_proj.forward``, so its host is the attention module and
-    the prefix ``"out_proj."``: an adapter there must act in weight space.
+    Usually the module itself: ``(path, "")``. Some modules read a child's weights directly and never
+    call its forward: ``nn.MultiheadAttention`` uses ``self.out_proj.weight``, torchvision's Swin
+    passes ``self.qkv.weight`` to a function. Then the host is the outermost such ancestor and the
+    prefix the child's path below it (``"out_proj."``); a weight-space adapter is substituted there.
     """
-    if "." in path:
-        parent_path, leaf = path.rsplit(".", 1)
-    else:
-        parent_path, leaf = "", path
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj":
-        return parent_path, "out_proj."
-    return path, ""
+    parts = path.split(".")
+    host, prefix = path, ""
+    for depth in range(len(parts) - 1, -1, -1):
+        anc_path = ".".join(parts[:depth])
+        ancestor = model.get_submodule(anc_path) if anc_path else model
+        rel = ".".join(parts[depth:])
+        if reads_directly(ancestor, rel):
+            host, prefix = anc_path, rel + "."
+    return host, prefix

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
-from .model import AdaptedModel, Prepared, build
+from .model import AdaptedModel, AdapterSet, Prepared, build
 from .plugins import get_method
 from .targets import nearest_names
 
@@ -36,14 +36,16 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
 
-def describe_targets(model: nn.Module, paths: list[str], train_paths: list[str]) -> dict[str, Any]:
-    """path -> {class, role, shapes} for the base modules an adapter touches."""
+def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
+    """path -> {class, role, shapes[, spec]} for the base modules an adapter touches."""
     out: dict[str, Any] = {}
-    for role, ps in (("target", paths), ("train", train_paths)):
-        for p in ps:
+    for role, items in (("target", modules.items()), ("train", modules.train_items())):
+        for p, a in items:
             m = model.get_submodule(p)
             out[p] = {"class": type(m).__name__, "role": role,
                       "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
+            if role == "target" and a.spec():
+                out[p]["spec"] = a.spec()
     return out
 
 
@@ -90,7 +92,7 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         "peftkit.plugin": json.dumps({"distribution": rec.info.distribution, "version": rec.info.version,
                                       "entry_point": rec.info.plugin}),
         "peftkit.config": rec.method.config_json(),
-        "peftkit.targets": json.dumps(describe_targets(base, mods.paths, mods.train_paths)),
+        "peftkit.targets": json.dumps(describe_targets(base, mods)),
         "peftkit.backbone": json.dumps(fingerprint(base, touched, rec.method.hash_base_values)),
         "peftkit.adapter": adapter,
         "peftkit.version": _version(),
@@ -247,7 +249,8 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
     _check_backbone(model, header)
     paths = [p for p, t in header.targets.items() if t["role"] == "target"]
     train = [p for p, t in header.targets.items() if t["role"] == "train"]
-    prepared = build(model, method, info, paths, train)
+    specs = {p: t.get("spec", {}) for p, t in header.targets.items()}
+    prepared = build(model, method, info, paths, train, specs)
     expected = prepared.modules.file_tensors()
     missing = sorted(set(expected) - set(header.tensors))
     unexpected = sorted(set(header.tensors) - set(expected))

@@ -59,6 +59,11 @@ class Adapter(nn.Module):
         adapter cannot be written as a weight delta (then it cannot be merged)."""
         return None
 
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable facts needed to rebuild this adapter before its tensors are loaded
+        (stored per target in the file; see :meth:`Method.rebuild`). Default: none."""
+        return {}
+
     @property
     def has_transform(self) -> bool:
         """Whether this adapter implements the output-space form."""
@@ -139,3 +144,8 @@ class Method:
     def build(self, path: str, module: nn.Module) -> Adapter:
         """Build the adapter for the target module at ``path``, on its device and dtype."""
         raise NotImplementedError
+
+    def rebuild(self, path: str, module: nn.Module, spec: dict[str, Any]) -> Adapter:
+        """Build the adapter for a file being loaded, given what its :meth:`Adapter.spec` saved
+        (default: :meth:`build`). Its tensors are then filled from the file."""
+        return self.build(path, module)

@@ -48,7 +48,7 @@ class AdapterSet(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for path, module in [*self.items(), *self.train_items()]:
             for key, t in module.state_dict().items():
-                full = f"{path}.{key}"
+                full = f"{path}.{key}" if path else key
                 if full in out:
                     raise PluginError(f"two adapter tensors share the file key {full!r}; rename one")
                 out[full] = t
@@ -88,28 +88,33 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         m = method
     else:
         m = info.cls.configure(**options)
+    train_paths = select_modules(model, train, what="train") if train is not None else []
+    train_paths = [p for p in train_paths if not _under(p, [q for q in train_paths if q != p])]
     if targets is None:
         excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
-        paths = [p for p in m.default_targets(model) if not _under(p, excluded)]
+        paths = [p for p in m.default_targets(model) if not _under(p, excluded + train_paths)]
         if not paths:
             raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
     else:
         paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt)
-    paths = m.expand_targets(model, paths)
-    train_paths = select_modules(model, train, what="train") if train is not None else []
-    train_paths = [p for p in train_paths if not _under(p, [q for q in train_paths if q != p])]
+    chosen = set(paths)
+    # what the method adds by itself steps around `train` modules; an explicit overlap is an error (build)
+    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not _under(p, train_paths)]
     return build(model, m, info, paths, train_paths)
 
 
-def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str]) -> Prepared:
-    """Build the adapters of ``m`` for exactly these target and ``train`` paths."""
+def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str],
+          specs: dict[str, dict[str, Any]] | None = None) -> Prepared:
+    """Build the adapters of ``m`` for exactly these target and ``train`` paths (from a file's
+    per-target ``specs`` when loading)."""
     for p in paths:
         if _under(p, train_paths) or any(_under(t, [p]) for t in train_paths):
             raise TargetError(f"module {p!r} is both a target and (inside) a `train` module; "
                               "a trained module is saved whole, so drop it from one of the two lists")
     adapters: list[Adapter] = []
     for p in paths:
-        adapter = m.build(p, model.get_submodule(p))
+        module = model.get_submodule(p)
+        adapter = m.build(p, module) if specs is None else m.rebuild(p, module, specs.get(p, {}))
         if not isinstance(adapter, Adapter):
             raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
         host, prefix = host_of(model, p)
@@ -282,7 +287,10 @@ class AdaptedModel(nn.Module):
         self._records[name] = _Record(prepared.method, prepared.info, mods)
         for p in mods.parameters():
             p.requires_grad_(False)
-        self._no_fastpath = any(isinstance(m, nn.TransformerEncoderLayer) for m in base.modules())
+        # A transform-only adapter on a module whose ancestor also reads its weights directly (as
+        # nn.TransformerEncoderLayer's inference fast path does) only runs if that fast path is off.
+        self._no_fastpath = self._no_fastpath or any(
+            host_of(base, p)[1] and not a.has_delta for p, a in mods.items())
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters (applied in that order); they become trainable and the

@@ -86,7 +86,7 @@ def select_modules(
     """
     selectors = _as_list(targets)
     excluded_sel = _as_list(exclude)
-    modules = [(p, m) for p, m in model.named_modules() if p]
+    modules = list(model.named_modules())  # the root ("") too: wrap(nn.MultiheadAttention(...)) is fine
     excluded = [p for p, m in modules if any(
         (isinstance(s, str) and _by_name(s, p)) or _by_pattern(s, p, m) for s in excluded_sel)]
     chosen: list[str] = []

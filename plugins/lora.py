@@ -225,6 +225,9 @@ class BiasDelta(peftkit.Adapter):
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"bias": self.lora_bias}
 
+    def spec(self) -> dict[str, Any]:
+        return {"bias_only": True}
+
 
 class LoRA(peftkit.Method):
     """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding and MultiheadAttention layers."""
@@ -267,6 +270,9 @@ class LoRA(peftkit.Method):
             if _by_name(key, path) or _by_pattern(key, path, None):  # type: ignore[arg-type]
                 return value
         return default
+
+    def rebuild(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
+        return BiasDelta(module) if spec.get("bias_only") else self.build(path, module)
 
     def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
         c = self.config

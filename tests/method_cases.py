@@ -1,0 +1,35 @@
+"""The shared method suite's cases: a plugin joins the suite by adding one entry here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """One method under test.
+
+    Attributes:
+        method: Registered method name.
+        options: Options for a default (identity-at-init) adapter.
+        random_options: Options giving a non-identity adapter (non-zero deltas), for merge/save tests.
+        models: Tiny model names the method applies to.
+        mergeable: Whether merge() must work with random_options.
+    """
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    random_options: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ("mlp", "cnn", "transformer")
+    mergeable: bool = True
+
+    def __str__(self) -> str:
+        return self.method
+
+
+METHOD_CASES = [
+    MethodCase("lora", {"r": 4}, {"r": 4, "init": False}),
+    MethodCase("lora", {"r": 2, "bias": "all", "rslora": True}, {"r": 2, "bias": "all", "init": False}),
+    MethodCase("ia3", {}, {"init": 1.5}),  # the third-party example plugin, installed from examples/
+]

@@ -1,0 +1,188 @@
+"""LoRA against hand-written references, on every module kind it adapts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, TargetError
+
+torch.manual_seed(0)
+
+
+def _lora(m: peftkit.AdaptedModel, path: str = "0"):
+    paths = m.peft_adapters["default"].paths
+    return m.peft_adapters["default"].adapters[paths.index(path)]
+
+
+def test_linear_formula_and_scales() -> None:
+    net = nn.Sequential(nn.Linear(6, 5))
+    x = torch.randn(3, 6)
+    for kwargs, scale in [({"r": 2, "alpha": 6}, 3.0), ({"r": 4, "alpha": 6, "rslora": True}, 3.0)]:
+        m = peftkit.wrap(net, "lora", targets=["0"], init=False, **kwargs)
+        a = _lora(m)
+        expected = F.linear(x, net[0].weight, net[0].bias) + scale * x @ a.lora_A.T @ a.lora_B.T
+        torch.testing.assert_close(m(x), expected)  # output form (autograd on)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), expected)  # weight form
+        m.unwrap()
+
+
+def test_default_init_is_kaiming_a_and_zero_b() -> None:
+    m = peftkit.wrap(nn.Sequential(nn.Linear(64, 32)), "lora", targets=["0"], r=8)
+    a = _lora(m)
+    assert torch.count_nonzero(a.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound
+    assert a.lora_A.abs().max() <= bound and a.lora_A.std() > bound / 4
+    g = _lora(peftkit.wrap(nn.Sequential(nn.Linear(64, 32)), "lora", targets=["0"], r=8, init="gaussian"))
+    torch.testing.assert_close(g.lora_A.std().item(), 1 / 8, rtol=0.15, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_conv2d_formula_with_groups(groups: int) -> None:
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=groups)
+    x = torch.randn(2, 8, 9, 9)
+    base_out = conv(x).detach()  # before wrapping: the wrapped module itself applies the adapter
+    m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=3, alpha=3, init=False)
+    a = _lora(m)
+    rank = groups * math.ceil(3 / groups)
+    assert a.lora_A.shape == (rank, 8 // groups, 3, 3) and a.lora_B.shape == (12, rank // groups, 1, 1)
+    h = F.conv2d(x, a.lora_A, stride=2, padding=1, groups=groups)
+    expected = base_out + F.conv2d(h, a.lora_B, groups=groups)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 6, 3, padding=1), nn.Conv3d(4, 6, 3, padding=1, padding_mode="circular")])
+def test_conv1d_and_conv3d_weight_and_output_forms_agree(conv: nn.Module) -> None:
+    x = torch.randn(2, 4, *([5] * (conv.weight.dim() - 2)))
+    m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=2, init=False)
+    out = m(x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
+        m.merge()
+        torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_formula() -> None:
+    emb = nn.Embedding(10, 6, padding_idx=0)
+    ids = torch.tensor([[0, 3, 9], [1, 1, 2]])
+    base_out = emb(ids).detach()
+    m = peftkit.wrap(nn.Sequential(emb), "lora", targets=["0"], r=2, alpha=4, init=False)
+    a = _lora(m)
+    expected = base_out + 2.0 * (a.lora_A.T[ids] @ a.lora_B.T)
+    torch.testing.assert_close(m(ids), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), expected)
+    default = _lora(peftkit.wrap(nn.Sequential(nn.Embedding(10, 6)), "lora", targets=["0"]))
+    assert torch.count_nonzero(default.lora_A) == 0  # A zero, B random: identity at init
+
+
+@pytest.mark.parametrize("kdim", [None, 5])
+def test_multihead_attention_in_proj_and_out_proj(kdim: int | None) -> None:
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+    q = torch.randn(2, 4, 8)
+    kv = torch.randn(2, 4, kdim or 8)
+    m = peftkit.wrap(mha, "lora", targets=[nn.MultiheadAttention], r=2, init=False, bias="lora_only")
+    a = m.peft_adapters["default"].adapters[0]
+    ref = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+    ref.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        for name, delta in a.delta(mha).items():
+            owner, _, leaf = name.rpartition(".")
+            getattr(ref.get_submodule(owner) if owner else ref, leaf).add_(delta)
+        expected = ref(q, kv, kv)[0]
+    torch.testing.assert_close(m(q, kv, kv)[0], expected, rtol=1e-5, atol=1e-5)  # training (autograd) path
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(q, kv, kv)[0], expected, rtol=1e-5, atol=1e-5)  # eval fast path
+    m(q, kv, kv)[0].sum().backward()
+    assert all(p.grad is not None for p in a.parameters())
+
+
+def test_out_proj_alone_is_hosted_on_its_attention_module() -> None:
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    q = torch.randn(2, 3, 8)
+    m = peftkit.wrap(mha, "lora", targets=["out_proj"], r=2, init=False)
+    out = m(q, q, q)[0]
+    out.sum().backward()
+    a = m.peft_adapters["default"].adapters[0]
+    assert a.lora_A.grad is not None and a.lora_A.grad.abs().sum() > 0  # not a dead adapter
+    with torch.no_grad():
+        torch.testing.assert_close(m(q, q, q)[0], out, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_conv1d_transposed_weight() -> None:
+    class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D: weight (in, out)
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight + self.bias
+
+    net = nn.Sequential(Conv1D(5, 6))
+    x = torch.randn(3, 6)
+    m = peftkit.wrap(net, "lora", targets=["0"], r=2, init=False)
+    a = _lora(m)
+    expected = net[0].forward(x) + x @ a.lora_A.T @ a.lora_B.T * (8 / 2)
+    torch.testing.assert_close(m(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected)
+
+
+def test_bias_modes() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    only = peftkit.wrap(net, "lora", targets=["0"], bias="lora_only")
+    assert [n for n, _ in only.peft_adapters.named_parameters()] == [
+        "default.adapters.0.lora_A", "default.adapters.0.lora_B", "default.adapters.0.lora_bias"]
+    only.unwrap()
+    every = peftkit.wrap(net, "lora", targets=["0"], bias="all")
+    assert every.peft_adapters["default"].paths == ["0", "1", "2"]  # LayerNorm and head get bias deltas
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        for p in every.peft_adapters.parameters():
+            p.add_(0.5)
+        y = every(x)
+        every.merge()
+        torch.testing.assert_close(every(x), y)
+
+
+def test_rank_and_alpha_patterns(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    m = peftkit.wrap(net, "lora", r=4, rank_pattern={"2": 2}, alpha_pattern={r"[02]": 16})
+    a0, a2 = _lora(m, "0"), _lora(m, "2")
+    assert a0.lora_A.shape[0] == 4 and a2.lora_A.shape[0] == 2
+    assert a0.scale == 4.0 and a2.scale == 8.0
+    assert m.peft_adapters["default"].paths == ["0", "2"]  # the output layer is not a default target
+    path = peftkit.save(m, tmp_path / "p.safetensors")
+    loaded = peftkit.load(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)), path)
+    assert _lora(loaded, "2").lora_A.shape[0] == 2
+
+
+def test_default_targets_skip_depthwise_convs_and_the_head() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1, groups=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    m = peftkit.wrap(net, "lora")
+    assert m.peft_adapters["default"].paths == ["0", "2"]
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"r": 2.5}, {"alpha": -1}, {"dropout": 1.0}, {"init": "xavier"},
+                                 {"bias": "some"}, {"rank_pattern": {"x": 0}}])
+def test_bad_options_name_the_option(bad: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        peftkit.wrap(nn.Sequential(nn.Linear(2, 2)), "lora", targets=["0"], **bad)
+
+
+def test_unsupported_module_named_explicitly() -> None:
+    with pytest.raises(TargetError, match="LayerNorm"):
+        peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "lora", targets=["1"])

@@ -33,14 +33,7 @@ class Adapter(nn.Module):
     """One target module's adapter. Subclasses override :meth:`transform`, :meth:`delta`, or both.
 
     Everything in the adapter's ``state_dict()`` is what the adapter file stores for this target.
-
-    Class attributes:
-        delta_reads_base: Set True when :meth:`delta` depends on the target's current weights (e.g.
-            a learned scaling ``(l - 1) * W``): the core then keeps the delta it merged, so that
-            ``unmerge()`` subtracts exactly that instead of recomputing it from merged weights.
     """
-
-    delta_reads_base: ClassVar[bool] = False
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         """Return the target's output with this adapter applied (output-space form).

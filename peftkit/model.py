@@ -69,9 +69,8 @@ class _Record:
     method: Method
     info: MethodInfo
     modules: AdapterSet
-    merged_versions: tuple[int, ...] = ()
     merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
-    merged_deltas: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
@@ -342,13 +341,10 @@ class AdaptedModel(nn.Module):
         return self._records[name]
 
     # -- merging -------------------------------------------------------------------------------
-    def _deltas(self, name: str, reads_base: bool | None = None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(description, base tensor, delta) for each weight-space contribution of an adapter
-        (only those whose ``delta_reads_base`` equals ``reads_base``, when given)."""
+    def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(description, base tensor, delta) for each weight-space contribution of an adapter."""
         rec = self._records[name]
         for path, adapter in rec.modules.items():
-            if reads_base is not None and adapter.delta_reads_base != reads_base:
-                continue
             target = self.base_model.get_submodule(path)
             deltas = adapter.delta(target) if adapter.has_delta else None
             if deltas is None:
@@ -364,10 +360,15 @@ class AdaptedModel(nn.Module):
         """Fold the active adapters into the backbone's weights (idempotent).
 
         Nothing changes unless every active adapter can merge and the merged weights are finite.
+        The original values of the changed tensors are kept so that :meth:`unmerge` restores them
+        bit for bit (``unwrap(merge=True)`` keeps no such copy).
 
         Raises:
             MergeError: an adapter that has no weight-space form, or a merge giving NaN/inf.
         """
+        self._merge(keep_originals=True)
+
+    def _merge(self, keep_originals: bool) -> None:
         self._check_attached()
         names = [n for n in self._state.active if n not in self._state.merged]
         if not names or self._state.disabled:
@@ -383,12 +384,11 @@ class AdaptedModel(nn.Module):
                             raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
             for n in names:
                 rec = self._records[n]
-                for _, base, d in self._deltas(n, reads_base=False):
-                    base.add_(d.to(base.dtype))
-                for _, base, d in list(self._deltas(n, reads_base=True)):
-                    d = d.detach().to(base.dtype).clone()  # computed from base: keep it for unmerge
-                    base.add_(d)
-                    rec.merged_deltas.append((base, d))
+                # compute every delta before changing any tensor: a delta may read base weights
+                for _, base, d in list(self._deltas(n)):
+                    if keep_originals:
+                        rec.backups.append((base, base.detach().clone()))
+                    base.add_(d.detach().to(base.dtype))
                 for path, c in rec.modules.train_items():
                     module = self.base_model.get_submodule(path)
                     for tn, t in replacement_tensors(c):
@@ -396,28 +396,20 @@ class AdaptedModel(nn.Module):
                         rec.merged_originals.append((store, key, store[key]))
                         new = t.detach().clone()
                         store[key] = nn.Parameter(new, requires_grad=False) if isinstance(store[key], nn.Parameter) else new
-                rec.merged_versions = _versions(rec.modules)
                 self._state.merged.add(n)
 
     def unmerge(self) -> None:
-        """Take merged adapters back out of the backbone's weights (idempotent)."""
+        """Restore the backbone's tensors as they were before :meth:`merge` (idempotent, exact)."""
         self._check_attached()
         self._unmerge(sorted(self._state.merged))
 
     def _unmerge(self, names: list[str]) -> None:
-        for n in names:
-            rec = self._records[n]
-            if _versions(rec.modules) != rec.merged_versions:
-                raise MergeError(f"adapter {n!r} was changed while merged, so it cannot be unmerged exactly; "
-                                 "do not train a merged model (unmerge first)")
         with torch.no_grad():
-            for n in names:
+            for n in reversed(names):
                 rec = self._records[n]
-                for _, base, d in self._deltas(n, reads_base=False):
-                    base.sub_(d.to(base.dtype))
-                for base, d in reversed(rec.merged_deltas):
-                    base.sub_(d)
-                rec.merged_deltas.clear()
+                for base, original in reversed(rec.backups):
+                    base.copy_(original)
+                rec.backups.clear()
                 for store, key, original in reversed(rec.merged_originals):
                     store[key] = original
                 rec.merged_originals.clear()
@@ -440,7 +432,9 @@ class AdaptedModel(nn.Module):
         """
         self._check_attached()
         if merge:
-            self.merge()
+            self._merge(keep_originals=False)
+            for rec in self._records.values():
+                rec.backups.clear()
         else:
             self.unmerge()
         for slot in self._slots.values():
@@ -489,10 +483,6 @@ def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:
     except for a transform-only adapter whose target still runs its own forward."""
     host, prefix = host_of(model, path)
     return (path, "") if prefix and not adapter.has_delta else (host, prefix)
-
-
-def _versions(module: nn.Module) -> tuple[int, ...]:
-    return tuple(t._version for t in module.parameters())
 
 
 def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selection = None,

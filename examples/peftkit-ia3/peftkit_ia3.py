@@ -34,8 +34,6 @@ class IA3Config:
 class IA3Scale(peftkit.Adapter):
     """A learned scale per output feature (per channel for convolutions)."""
 
-    delta_reads_base = True  # the weight delta (l - 1) * W depends on W
-
     def __init__(self, module: nn.Linear | nn.Conv2d, init: float) -> None:
         super().__init__()
         w = module.weight

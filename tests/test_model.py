@@ -1,0 +1,201 @@
+"""AdaptedModel behaviour: freezing, BatchNorm, adapters' lifecycle, merge safety, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyCNN, TinyTransformer, assert_bitwise_equal, snapshot, tiny_mlp
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, MergeError, TargetError, UnknownAdapterError, UnknownMethodError
+
+
+class SerialScale(peftkit.Adapter):
+    """An output-only adapter (no weight-space form), for testing refusal to merge."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(0.5))
+
+    def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        return output * (1 + self.s)
+
+
+class OutputOnly(peftkit.Method):
+    """Scale a module's output (test method)."""
+
+    name = "output_only"
+
+    from dataclasses import dataclass as _dc
+
+    @_dc(frozen=True)
+    class Config:
+        pass
+
+    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+        return SerialScale(module)
+
+
+class OutputOnlyPlugin:
+    @peftkit.hookimpl
+    def register_methods(self, register: Any) -> None:
+        register(OutputOnly)
+
+
+def test_backbone_is_frozen_and_module_tree_unchanged() -> None:
+    torch.manual_seed(0)
+    cnn = TinyCNN()
+    tree = [(n, type(m)) for n, m in cnn.named_modules()]
+    m = peftkit.wrap(cnn, "lora", r=2)
+    assert not any(p.requires_grad for p in cnn.parameters())
+    assert [(n, type(mod)) for n, mod in cnn.named_modules()] == tree
+    assert m.trainable_parameters() == sum(p.numel() for p in m.peft_adapters.parameters())
+    assert "trainable" in m.summary() and "lora" in m.summary()
+
+
+def test_frozen_batchnorm_statistics_do_not_drift() -> None:
+    torch.manual_seed(0)
+    cnn = TinyCNN()
+    stats = snapshot(cnn)
+    m = peftkit.wrap(cnn, "lora", r=2).train()
+    cnn.train()  # even when the user flips the backbone itself back to training mode
+    for _ in range(3):
+        m(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert_bitwise_equal(snapshot(cnn), stats)
+    assert not cnn.bn1.training
+
+
+def test_train_module_batchnorm_trains_and_its_statistics_are_saved(tmp_path) -> None:
+    torch.manual_seed(0)
+    cnn = TinyCNN()
+    stats = snapshot(cnn)
+    m = peftkit.wrap(cnn, "lora", r=2, train=["bn2"]).train()
+    for _ in range(2):
+        m(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert_bitwise_equal(snapshot(cnn), stats)  # the backbone's own bn2 is untouched
+    copy = m.peft_adapters["default"].copies[0]
+    assert copy.num_batches_tracked.item() == 2 and not torch.equal(copy.running_mean, cnn.bn2.running_mean)
+    path = peftkit.save(m, tmp_path / "bn.safetensors")
+    assert "bn2.running_mean" in peftkit.read_header(path).tensors
+
+
+def test_merge_refuses_nan_and_changes_nothing() -> None:
+    net = tiny_mlp()
+    before = snapshot(net)
+    m = peftkit.wrap(net, "lora", r=2, init=False)
+    with torch.no_grad():
+        m.peft_adapters["default"].adapters[1].lora_B[0, 0] = float("inf")
+    with pytest.raises(MergeError, match="NaN/inf"):
+        m.merge()
+    assert_bitwise_equal(snapshot(net), before)
+    assert not m.merged
+
+
+def test_unmergeable_adapter(register_plugin) -> None:
+    register_plugin(OutputOnlyPlugin(), "test-output-only")
+    net = tiny_mlp()
+    before = snapshot(net)
+    x = torch.randn(3, 8)
+    base = net(x).detach()
+    m = peftkit.wrap(net, "output_only", targets=["4"])
+    torch.testing.assert_close(m(x), base * 1.5)
+    with pytest.raises(MergeError, match="cannot be merged"):
+        m.merge()
+    with pytest.raises(MergeError):
+        m.unwrap(merge=True)
+    assert_bitwise_equal(snapshot(net), before)
+    assert m.unwrap(merge=False) is net
+
+
+def test_transform_only_adapter_on_a_module_its_parent_reads_directly_is_refused(register_plugin) -> None:
+    register_plugin(OutputOnlyPlugin(), "test-output-only")
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(TargetError, match="reads its weights directly"):
+        peftkit.wrap(mha, "output_only", targets=["0.out_proj"])
+
+
+def test_unmerge_is_exact_even_after_the_adapter_changed() -> None:
+    net = tiny_mlp()
+    before = snapshot(net)
+    m = peftkit.wrap(net, "lora", r=2, init=False)
+    m.merge()
+    with torch.no_grad():
+        m.peft_adapters["default"].adapters[0].lora_B.add_(1.0)
+    m.unmerge()
+    assert_bitwise_equal(snapshot(net), before)
+
+
+def test_adapter_name_errors() -> None:
+    m = peftkit.wrap(tiny_mlp(), "lora", r=2)
+    with pytest.raises(UnknownAdapterError, match="default"):
+        m.set_adapter("nope")
+    with pytest.raises(UnknownAdapterError, match="already exists"):
+        m.add_adapter("default", "lora")
+    with pytest.raises(ConfigError, match="not valid"):
+        m.add_adapter("a.b", "lora")
+    with pytest.raises(ConfigError, match="already an AdaptedModel"):
+        peftkit.wrap(m, "lora")
+
+
+def test_unknown_method_lists_available() -> None:
+    with pytest.raises(UnknownMethodError, match="available: .*lora"):
+        peftkit.wrap(tiny_mlp(), "loar")
+
+
+def test_unknown_and_misspelled_options() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'alpha'"):
+        peftkit.wrap(tiny_mlp(), "lora", alhpa=4)
+
+
+def test_targets_matching_nothing_lists_nearest_names() -> None:
+    with pytest.raises(TargetError, match="Nearest module names: .*linear1"):
+        peftkit.wrap(TinyTransformer(), "lora", targets=["linear_1"])
+
+
+def test_unwrapped_model_cannot_be_used() -> None:
+    m = peftkit.wrap(tiny_mlp(), "lora", r=2)
+    m.unwrap()
+    with pytest.raises(ConfigError, match="unwrapped"):
+        m(torch.randn(2, 8))
+
+
+def test_attributes_fall_through_to_the_backbone() -> None:
+    cnn = TinyCNN()
+    cnn.config = {"name": "tiny"}
+    assert peftkit.wrap(cnn, "lora").config == {"name": "tiny"}
+
+
+def test_target_selectors() -> None:
+    tr = TinyTransformer()
+    from peftkit.targets import select_modules
+
+    assert select_modules(tr, ["linear1"]) == ["layer.linear1"]
+    assert select_modules(tr, [r"layer\.linear\d"]) == ["layer.linear1", "layer.linear2"]
+    assert select_modules(tr, [nn.Embedding]) == ["embed"]
+    assert select_modules(tr, lambda p, m: p.endswith("norm1")) == ["layer.norm1"]
+    assert select_modules(tr, [nn.Linear], exclude=["layer"]) == ["head"]
+
+
+def test_exclude_with_default_targets() -> None:
+    m = peftkit.wrap(TinyTransformer(), "lora", exclude=["linear2"])
+    assert m.peft_adapters["default"].paths == ["layer.self_attn", "layer.linear1"]
+
+
+def test_dead_adapter_warning() -> None:
+    class Sneaky(nn.Module):  # reads its child's weight through a helper the source check cannot see
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, *_weights(self))
+
+    def _weights(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return mod.inner.weight, mod.inner.bias
+
+    m = peftkit.wrap(nn.Sequential(Sneaky(), nn.Linear(4, 2)), "lora", targets=["inner"]).train()
+    with pytest.warns(RuntimeWarning, match="never ran"):
+        m(torch.randn(2, 4))

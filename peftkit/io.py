@@ -174,7 +174,7 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {}
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(k)
                 tensors[k] = (list(sl.get_shape()), sl.get_dtype())
     except Exception as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,10 +38,10 @@ class AdapterSet(nn.Module):
         self.copies = nn.ModuleList(copies)
 
     def items(self) -> Iterator[tuple[str, Adapter]]:
-        return zip(self.paths, self.adapters)  # type: ignore[return-value]
+        return zip(self.paths, self.adapters, strict=True)  # type: ignore[return-value]
 
     def train_items(self) -> Iterator[tuple[str, nn.Module]]:
-        return zip(self.train_paths, self.copies)  # type: ignore[return-value]
+        return zip(self.train_paths, self.copies, strict=True)  # type: ignore[return-value]
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Everything an adapter file stores for this adapter, keyed by backbone path."""
@@ -467,7 +467,7 @@ class AdaptedModel(nn.Module):
             rows.append((n, rec.method.name, flag, str(len(rec.modules.paths)), str(len(rec.modules.train_paths)), f"{count:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"AdaptedModel({type(self.base_model).__name__})"]
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         trainable = self.trainable_parameters()
         total = base_n + sum(p.numel() for p in self.peft_adapters.parameters())
         pct = 100.0 * trainable / total if total else math.nan

@@ -15,14 +15,14 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from .errors import TargetError
 
-Selector = Union[str, type, Callable[[str, nn.Module], bool]]
-Selection = Union[Selector, Sequence[Selector], None]
+Selector = str | type | Callable[[str, nn.Module], bool]
+Selection = Selector | Sequence[Selector] | None
 
 __all__ = ["Selection", "Selector", "find_output_layer", "select_modules"]
 
@@ -155,7 +155,7 @@ def _flatten(obj: Any) -> list[Any]:
     return [obj]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_source(cls: type) -> str:
     try:
         return inspect.getsource(cls.forward)

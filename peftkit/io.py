@@ -32,6 +32,10 @@ FORMAT_VERSION = "1"
 _KEYS = ("peftkit.format", "peftkit.method", "peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")
 
 
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
@@ -89,11 +93,11 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     meta = {
         "peftkit.format": FORMAT_VERSION,
         "peftkit.method": rec.method.name,
-        "peftkit.plugin": json.dumps({"distribution": rec.info.distribution, "version": rec.info.version,
-                                      "entry_point": rec.info.plugin}),
+        "peftkit.plugin": _json({"distribution": rec.info.distribution, "version": rec.info.version,
+                                 "entry_point": rec.info.plugin}),
         "peftkit.config": rec.method.config_json(),
-        "peftkit.targets": json.dumps(describe_targets(base, mods)),
-        "peftkit.backbone": json.dumps(fingerprint(base, touched, rec.method.hash_base_values)),
+        "peftkit.targets": _json(describe_targets(base, mods)),
+        "peftkit.backbone": _json(fingerprint(base, touched, rec.method.hash_base_values)),
         "peftkit.adapter": adapter,
         "peftkit.version": _version(),
     }

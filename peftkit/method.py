@@ -114,7 +114,7 @@ class Method:
 
     def config_json(self) -> str:
         """The config as JSON (stored in adapter files)."""
-        return json.dumps(dataclasses.asdict(self.config), sort_keys=True)
+        return json.dumps(dataclasses.asdict(self.config), separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Method:

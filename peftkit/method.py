@@ -64,7 +64,7 @@ class Adapter(nn.Module):
 
     @property
     def has_delta(self) -> bool:
-        """Whether this adapter implements the weight-space form."""
+        """Whether this adapter has a weight-space form (override when only some instances do)."""
         return type(self).delta is not Adapter.delta
 
 

@@ -180,7 +180,8 @@ class AdaptedModel(nn.Module):
         if check:
             for h in self._unchecked:
                 self._slots[h].fired = False
-        with self._fastpath_off() if self._no_fastpath else contextlib.nullcontext():
+        live = self._no_fastpath and not self._state.disabled and bool(self._state.active)
+        with self._fastpath_off() if live else contextlib.nullcontext():
             out = self.base_model(*args, **kwargs)
         if check:
             dead = sorted(h for h in self._unchecked if h in self._slots and not self._slots[h].fired)

@@ -157,20 +157,27 @@ def _flatten(obj: Any) -> list[Any]:
 
 @functools.cache
 def _forward_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
+    """Source of the class and its bases up to nn.Module: forward may delegate to helper methods
+    (nn.TransformerEncoderLayer's ``_sa_block``)."""
+    parts = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            parts.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+    return "\n".join(parts)
 
 
 def reads_directly(ancestor: nn.Module, rel: str) -> bool:
-    """Whether ``ancestor.forward`` reads the tensors of its submodule ``rel`` itself (e.g.
+    """Whether ``ancestor``'s code reads the tensors of its submodule ``rel`` itself (e.g.
     ``F.linear(x, self.qkv.weight)``) instead of (only) calling that submodule."""
     return re.search(rf"self\.{re.escape(rel)}\.[A-Za-z_]\w*(?!\w|\s*\()", _forward_source(type(ancestor))) is not None
 
 
 def calls_forward(ancestor: nn.Module, rel: str) -> bool:
-    """Whether ``ancestor.forward`` calls its submodule ``rel`` (so its hooks run)."""
+    """Whether ``ancestor``'s code calls its submodule ``rel`` (so its hooks run)."""
     return re.search(rf"self\.{re.escape(rel)}\s*\(", _forward_source(type(ancestor))) is not None
 
 

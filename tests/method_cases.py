@@ -31,5 +31,11 @@ class MethodCase:
 METHOD_CASES = [
     MethodCase("lora", {"r": 4}, {"r": 4, "init": False}),
     MethodCase("lora", {"r": 2, "bias": "all", "rslora": True}, {"r": 2, "bias": "all", "init": False}),
+    MethodCase("serial_adapter", {"bottleneck": 4}, {"bottleneck": 4, "init": "houlsby", "scale": 50.0}, mergeable=False),
+    MethodCase("parallel_adapter", {"reduction": 2, "scale": "learned"},
+               {"reduction": 2, "init": "houlsby", "scale": 50.0, "activation": "gelu", "layer_norm": True}, mergeable=False),
+    MethodCase("parallel_adapter", {"bottleneck": 3, "activation": "identity"},
+               {"bottleneck": 3, "activation": "identity", "init": "houlsby", "scale": 50.0},
+               models=("mlp",)),  # folds into Linear targets (grouped convs and attention do not fold)
     MethodCase("ia3", {}, {"init": 1.5}),  # the third-party example plugin, installed from examples/
 ]

@@ -30,7 +30,9 @@ def test_identity_at_init(case: MethodCase, tiny: TinyModel) -> None:
     x = tiny.input()
     expected = _out(base, x)
     m = peftkit.wrap(base, case.method, **case.options).eval()
-    torch.testing.assert_close(_out(m, x), expected, rtol=0, atol=0)
+    # float tolerance, not bitwise: an output-space adapter inside nn.TransformerEncoderLayer turns
+    # off its fused inference kernel, which rounds differently (~1e-8)
+    torch.testing.assert_close(_out(m, x), expected)
     torch.testing.assert_close(m(x), expected)  # with autograd: the output-space form
 
 

@@ -61,3 +61,26 @@ def test_default_lora_on_bert_excludes_the_pooler(batch: dict[str, torch.Tensor]
         y = m(**batch).last_hidden_state
         m.merge()
         torch.testing.assert_close(m(**batch).last_hidden_state, y, rtol=1e-4, atol=1e-4)
+
+
+def test_serial_adapters_houlsby_placement(batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    base = _model()
+    with torch.no_grad():
+        plain = base(**batch).last_hidden_state
+    m = peftkit.wrap(base, "serial_adapter", bottleneck=64)
+    paths = m.peft_adapters["default"].paths
+    assert paths[:2] == ["encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"]
+    assert len(paths) == 12
+    with torch.no_grad():
+        torch.testing.assert_close(m(**batch).last_hidden_state, plain, rtol=0, atol=0)
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    m(**batch).last_hidden_state.pow(2).mean().backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        trained = m(**batch).last_hidden_state
+        path = peftkit.save(m, tmp_path / "serial.safetensors")
+        torch.testing.assert_close(peftkit.load(_model(), path)(**batch).last_hidden_state, trained, rtol=0, atol=0)
+    pfeiffer = peftkit.wrap(_model(), "serial_adapter", bottleneck=64, placement="pfeiffer")
+    assert pfeiffer.peft_adapters["default"].paths == paths[1::2]

@@ -1,0 +1,175 @@
+"""Serial and parallel bottleneck adapters against hand-written references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, MergeError, TargetError
+
+
+def _adapter(m: peftkit.AdaptedModel, path: str):
+    s = m.peft_adapters["default"]
+    return s.adapters[s.paths.index(path)]
+
+
+def _randomise(m: peftkit.AdaptedModel) -> None:
+    with torch.no_grad():
+        for p in m.peft_adapters.parameters():
+            p.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "identity"])
+def test_serial_linear_formula(activation: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    h = lin(x).detach()
+    m = peftkit.wrap(nn.Sequential(lin), "serial_adapter", targets=["0"], bottleneck=2, activation=activation, scale=0.5)
+    _randomise(m)
+    a = _adapter(m, "0")
+    f = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}[activation]
+    expected = h + 0.5 * F.linear(f(F.linear(h, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_parallel_linear_formula_and_exact_fold() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    h = lin(x).detach()
+    m = peftkit.wrap(nn.Sequential(lin), "parallel_adapter", targets=["0"], bottleneck=2, activation="identity", scale=2.0)
+    _randomise(m)
+    a = _adapter(m, "0")
+    expected = h + 2.0 * F.linear(F.linear(x, a.down.weight, a.down.bias), a.up.weight, a.up.bias)
+    torch.testing.assert_close(m(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected)  # weight-space form
+        m.merge()
+        torch.testing.assert_close(m(x), expected)
+
+
+def test_layer_norm_and_learned_scale() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    x = torch.randn(3, 6)
+    h = lin(x).detach()
+    m = peftkit.wrap(nn.Sequential(lin), "serial_adapter", targets=["0"], bottleneck=3, layer_norm=True, scale="learned")
+    _randomise(m)
+    a = _adapter(m, "0")
+    z = F.layer_norm(h, (6,), a.norm.weight, a.norm.bias)
+    expected = h + a.learned_scale * a.up(F.relu(a.down(z)))
+    torch.testing.assert_close(m(x), expected)
+    m(x).sum().backward()
+    assert a.learned_scale.grad is not None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_parallel_conv_beside_a_3x3_conv(stride: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=False)
+    x = torch.randn(2, 4, 7, 7)
+    h = conv(x).detach()
+    m = peftkit.wrap(nn.Sequential(conv), "parallel_adapter", targets=["0"], bottleneck=3, activation="identity")
+    _randomise(m)
+    a = _adapter(m, "0")
+    assert a.down.bias is None and a.down.stride == (stride, stride)
+    expected = h + F.conv2d(F.conv2d(x, a.down.weight, stride=stride), a.up.weight)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.merge()  # the 1x1 path is the centre tap of the 3x3 kernel
+        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_serial_conv_formula() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    h = conv(x).detach()
+    m = peftkit.wrap(nn.Sequential(conv), "serial_adapter", targets=["0"], bottleneck=2)
+    _randomise(m)
+    a = _adapter(m, "0")
+    expected = h + F.conv2d(F.relu(F.conv2d(h, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tuple_outputs_adapt_the_first_element() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    q = torch.randn(2, 3, 8)
+    out, weights = (t.detach() for t in mha(q, q, q))
+    m = peftkit.wrap(mha, "parallel_adapter", targets=[nn.MultiheadAttention], bottleneck=2)
+    _randomise(m)
+    a = m.peft_adapters["default"].adapters[0]
+    new_out, new_weights = m(q, q, q)
+    torch.testing.assert_close(new_out, out + a.up(F.relu(a.down(q))))
+    torch.testing.assert_close(new_weights, weights)
+
+
+def test_non_linear_adapter_cannot_merge_but_unwraps() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    m = peftkit.wrap(net, "parallel_adapter", bottleneck=2)
+    with pytest.raises(MergeError, match="cannot be merged"):
+        m.merge()
+    with pytest.raises(MergeError):
+        m.unwrap(merge=True)
+    assert m.unwrap(merge=False) is net
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.resnet50])
+def test_resnets_out_of_the_box(builder, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = builder(num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = net.eval()(x)
+    m = peftkit.wrap(net, "parallel_adapter")
+    paths = m.peft_adapters["default"].paths
+    assert paths == [p for p, mod in net.named_modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3)]
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), base, rtol=0, atol=0)
+    _randomise(m)
+    m.train()
+    m(x).sum().backward()
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+    loaded = peftkit.load(builder(num_classes=5), peftkit.save(m, tmp_path / "r.safetensors"))
+    loaded.base_model.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), y, rtol=0, atol=0)
+
+
+def test_default_targets_on_vit_and_pfeiffer() -> None:
+    vit = torchvision.models.vit_b_16(image_size=32, num_classes=3)
+    houlsby = peftkit.wrap(vit, "serial_adapter").peft_adapters["default"].paths
+    assert houlsby[:2] == ["encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_0.mlp"]
+    assert len(houlsby) == 24
+    vit = torchvision.models.vit_b_16(image_size=32, num_classes=3)
+    pfeiffer = peftkit.wrap(vit, "serial_adapter", placement="pfeiffer").peft_adapters["default"].paths
+    assert len(pfeiffer) == 12 and all(p.endswith(".mlp") for p in pfeiffer)
+    m = peftkit.wrap(vit, "parallel_adapter", name="p")
+    m(torch.randn(1, 3, 32, 32)).sum().backward()
+
+
+def test_default_targets_on_an_mlp() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert peftkit.wrap(net, "serial_adapter").peft_adapters["default"].paths == ["0", "2"]
+
+
+def test_valid_padded_conv_is_refused_for_parallel() -> None:
+    with pytest.raises(TargetError, match="same"):
+        peftkit.wrap(nn.Sequential(nn.Conv2d(3, 4, 3)), "parallel_adapter", targets=["0"])
+
+
+@pytest.mark.parametrize("bad", [{"bottleneck": 0}, {"reduction": 0}, {"activation": "swish"}, {"scale": "big"},
+                                 {"init": "normal"}, {"placement": "middle"}, {"dropout": 2.0}])
+def test_bad_options(bad: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "serial_adapter", **bad)

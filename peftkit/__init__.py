@@ -12,11 +12,14 @@ Example::
 from __future__ import annotations
 
 from . import errors
+from .heads import multitask_loss, pinball_loss
 from .hookspecs import hookimpl
 from .io import AdapterHeader, load, read_header, save
 from .method import Adapter, Method
 from .model import AdaptedModel, wrap
 from .plugins import MethodInfo, method_infos
+from .recipes import anchored_loss, param_groups
+from .targets import find_output_layer
 
 __version__ = "0.1.0"
 
@@ -32,10 +35,15 @@ __all__ = [
     "AdapterHeader",
     "Method",
     "MethodInfo",
+    "anchored_loss",
     "errors",
+    "find_output_layer",
     "hookimpl",
     "load",
     "methods",
+    "multitask_loss",
+    "param_groups",
+    "pinball_loss",
     "read_header",
     "save",
     "wrap",

@@ -27,8 +27,9 @@ class RuntimeState:
     disabled: bool = False
     merged: set[str] = field(default_factory=set)
 
-    def live(self, name: str) -> bool:
-        return not self.disabled and name in self.active and name not in self.merged
+    def live(self, name: str, persistent: bool = False) -> bool:
+        """Whether an adapter applies now (a persistent entry, e.g. multi-task heads, also when merged)."""
+        return not self.disabled and name in self.active and (persistent or name not in self.merged)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Entry:
         prefix: Prefix of the target's tensor names as seen from the host (``""`` or ``"out_proj."``).
         adapter: The Adapter module, for an adapter entry.
         replacement: For a ``train`` entry, the trained copy whose tensors replace the host's.
+        mapping: With ``replacement``: host tensor name -> copy tensor name, when only some tensors
+            are replaced (a tensor tied to a trained module's); default: all, by their own names.
+        persistent: Applies even while its adapter is merged (it has no weight-space form).
     """
 
     adapter_name: str
@@ -48,6 +52,8 @@ class Entry:
     prefix: str = ""
     adapter: Adapter | None = None
     replacement: nn.Module | None = None
+    mapping: dict[str, str] | None = None
+    persistent: bool = False
 
     def weight_space(self, grad: bool) -> bool:
         """Use the delta form now? Training prefers the output form (autograd through a low-rank
@@ -104,7 +110,8 @@ class Slot:
         subs: dict[str, torch.Tensor] = {}
         for e in entries:
             if e.replacement is not None:
-                subs.update(replacement_tensors(e.replacement))
+                tensors = dict(replacement_tensors(e.replacement))
+                subs.update(tensors if e.mapping is None else {h: tensors[c] for h, c in e.mapping.items()})
             elif e.weight_space(grad):
                 deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
                 for name, d in (deltas or {}).items():
@@ -114,7 +121,7 @@ class Slot:
         return subs
 
     def _live(self) -> list[Entry]:
-        return [e for e in self.entries if self.state.live(e.adapter_name)]
+        return [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]
 
     def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.fired = True

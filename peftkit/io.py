@@ -43,13 +43,20 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
     """path -> {class, role, shapes[, spec]} for the base modules an adapter touches."""
     out: dict[str, Any] = {}
-    for role, items in (("target", modules.items()), ("train", modules.train_items())):
-        for p, a in items:
-            m = model.get_submodule(p)
-            out[p] = {"class": type(m).__name__, "role": role,
-                      "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
-            if role == "target" and a.spec():
-                out[p]["spec"] = a.spec()
+
+    def add(path: str, role: str, spec: dict[str, Any]) -> None:
+        m = model.get_submodule(path)
+        out[path] = {"class": type(m).__name__, "role": role,
+                     "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
+        if spec:
+            out[path]["spec"] = spec
+
+    for p, a in modules.items():
+        add(p, "target", a.spec())
+    for p, _ in modules.train_items():
+        add(p, "head", {"outputs": modules.fresh[p]}) if p in modules.fresh else add(p, "train", {})
+    if modules.heads is not None:
+        add(modules.heads_path, "heads", modules.heads.spec())
     return out
 
 
@@ -89,15 +96,15 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     base = model.base_model
     mods = rec.modules
     tensors = {k: t.detach().contiguous().cpu() for k, t in mods.file_tensors().items()}
-    touched = mods.paths + mods.train_paths
+    described = describe_targets(base, mods)
     meta = {
         "peftkit.format": FORMAT_VERSION,
         "peftkit.method": rec.method.name,
         "peftkit.plugin": _json({"distribution": rec.info.distribution, "version": rec.info.version,
                                  "entry_point": rec.info.plugin}),
         "peftkit.config": rec.method.config_json(),
-        "peftkit.targets": _json(describe_targets(base, mods)),
-        "peftkit.backbone": _json(fingerprint(base, touched, rec.method.hash_base_values)),
+        "peftkit.targets": _json(described),
+        "peftkit.backbone": _json(fingerprint(base, list(described), rec.method.hash_base_values)),
         "peftkit.adapter": adapter,
         "peftkit.version": _version(),
     }
@@ -251,10 +258,18 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
         raise AdapterFileError(f"{str(header.path)!r} has a config the installed {info.distribution} "
                                f"{info.version} does not accept (written by {header.plugin.get('version')}): {exc}") from exc
     _check_backbone(model, header)
-    paths = [p for p, t in header.targets.items() if t["role"] == "target"]
-    train = [p for p, t in header.targets.items() if t["role"] == "train"]
+    roles = {p: t["role"] for p, t in header.targets.items()}
     specs = {p: t.get("spec", {}) for p, t in header.targets.items()}
-    prepared = build(model, method, info, paths, train, specs)
+    unknown = sorted({r for r in roles.values()} - {"target", "train", "head", "heads"})
+    if unknown:
+        raise AdapterFileError(f"{str(header.path)!r} has target roles {unknown} this peftkit does not know; upgrade peftkit")
+    try:
+        prepared = build(model, method, info, [p for p, r in roles.items() if r == "target"],
+                         [p for p, r in roles.items() if r in ("train", "head")], specs,
+                         fresh={p: specs[p]["outputs"] for p, r in roles.items() if r == "head"},
+                         heads=next(((p, specs[p]["heads"]) for p, r in roles.items() if r == "heads"), None))
+    except (KeyError, TypeError) as exc:
+        raise AdapterFileError(f"{str(header.path)!r} has incomplete target specs: {exc}") from exc
     expected = prepared.modules.file_tensors()
     missing = sorted(set(expected) - set(header.tensors))
     unexpected = sorted(set(header.tensors) - set(expected))

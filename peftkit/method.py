@@ -80,11 +80,14 @@ class Method:
         Config: The frozen config dataclass; every field JSON-serialisable.
         hash_base_values: Whether saved deltas depend on the exact base values (so the file's
             fingerprint includes a content hash of the targeted base tensors).
+        adapts_targets: False for a method that only trains whole modules (see
+            :meth:`trained_modules`) and so takes no ``targets``.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     hash_base_values: ClassVar[bool] = False
+    adapts_targets: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -129,6 +132,16 @@ class Method:
     def can_adapt(self, module: nn.Module) -> bool:
         """Whether :meth:`build` accepts this module (used to filter pattern matches)."""
         return True
+
+    def trained_modules(self, model: nn.Module, output_layer: str | None, replaced: bool) -> list[str]:
+        """Modules the method itself trains fully (copies, saved whole), besides the user's ``train``.
+
+        Args:
+            model: The backbone.
+            output_layer: Path of its output layer (see :func:`peftkit.targets.find_output_layer`).
+            replaced: Whether ``head=``/``heads=`` replace that layer.
+        """
+        return []
 
     def expand_targets(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
         """Last word on the target list, after user selection (default: unchanged)."""

@@ -17,9 +17,10 @@ from torch import nn
 
 from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
 from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
+from .heads import MultiHead, fresh_layer
 from .method import Adapter, Method
 from .plugins import MethodInfo, get_method
-from .targets import Selection, _under, calls_forward, host_of, select_modules
+from .targets import Selection, _under, calls_forward, find_output_layer, host_of, select_modules, tied_aliases
 
 __all__ = ["AdaptedModel", "wrap"]
 
@@ -27,26 +28,34 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class AdapterSet(nn.Module):
-    """The trainable modules of one named adapter: per-target adapters and ``train`` copies."""
+    """The trainable modules of one named adapter: the method's per-target adapters, whole-module
+    copies (``train`` modules, and fresh output layers for ``head=N``), and optional multi-task heads."""
 
-    def __init__(self, paths: Sequence[str], adapters: Sequence[Adapter],
-                 train_paths: Sequence[str], copies: Sequence[nn.Module]) -> None:
+    def __init__(self, paths: Sequence[str], adapters: Sequence[Adapter], train_paths: Sequence[str],
+                 copies: Sequence[nn.Module], fresh: dict[str, int] | None = None,
+                 heads: tuple[str, MultiHead] | None = None) -> None:
         super().__init__()
         self.paths = list(paths)
         self.adapters = nn.ModuleList(adapters)
         self.train_paths = list(train_paths)
         self.copies = nn.ModuleList(copies)
+        self.fresh = dict(fresh or {})  # train path -> outputs, for new output layers (head=N)
+        self.heads_path = heads[0] if heads else None
+        self.heads = heads[1] if heads else None
 
     def items(self) -> Iterator[tuple[str, Adapter]]:
+        """(target path, the method's adapter) pairs."""
         return zip(self.paths, self.adapters, strict=True)  # type: ignore[return-value]
 
     def train_items(self) -> Iterator[tuple[str, nn.Module]]:
+        """(module path, trained copy) pairs, fresh output layers included."""
         return zip(self.train_paths, self.copies, strict=True)  # type: ignore[return-value]
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Everything an adapter file stores for this adapter, keyed by backbone path."""
         out: dict[str, torch.Tensor] = {}
-        for path, module in [*self.items(), *self.train_items()]:
+        heads = [(self.heads_path, self.heads)] if self.heads is not None else []
+        for path, module in [*self.items(), *self.train_items(), *heads]:
             for key, t in module.state_dict().items():
                 full = f"{path}.{key}" if path else key
                 if full in out:
@@ -70,11 +79,13 @@ class _Record:
     info: MethodInfo
     modules: AdapterSet
     merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    merged_attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
     backups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
-            train: Selection = None, **options: Any) -> Prepared:
+            train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
+            example_input: Any = None, **options: Any) -> Prepared:
     """Configure a method and build its adapters for ``model`` without touching ``model``.
 
     Raises:
@@ -87,29 +98,48 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         m = method
     else:
         m = info.cls.configure(**options)
+    if head is not None and heads is not None:
+        raise ConfigError("pass either head=N (one new output layer) or heads={name: N, ...} (several), not both")
+    output = find_output_layer(model, example_input)
+    replaced = head is not None or heads is not None
+    if replaced and output is None:
+        raise TargetError(f"{type(model).__name__} has no parametrised layer to replace with head=/heads=")
     train_paths = select_modules(model, train, what="train") if train is not None else []
-    train_paths = [p for p in train_paths if not _under(p, [q for q in train_paths if q != p])]
-    if targets is None:
+    train_paths += m.trained_modules(model, output, replaced)
+    if head is not None:
+        train_paths.append(output)
+    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    train_paths = sorted((p for p in dict.fromkeys(train_paths) if not _under(p, [q for q in train_paths if q != p])),
+                         key=order.__getitem__)
+    avoid = train_paths + ([output] if replaced and output else [])
+    if not m.adapts_targets:
+        if targets is not None:
+            raise ConfigError(f"method {m.name!r} trains whole modules and takes no targets; use train=[...]")
+        paths: list[str] = []
+    elif targets is None:
         excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
-        paths = [p for p in m.default_targets(model) if not _under(p, excluded + train_paths)]
+        paths = [p for p in m.default_targets(model) if not _under(p, excluded + avoid)]
         if not paths:
             raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
     else:
         paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt)
     chosen = set(paths)
-    # what the method adds by itself steps around `train` modules; an explicit overlap is an error (build)
-    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not _under(p, train_paths)]
-    return build(model, m, info, paths, train_paths)
+    # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
+    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not _under(p, avoid)]
+    fresh = {output: head} if head is not None and output is not None else {}
+    return build(model, m, info, paths, train_paths, fresh=fresh, heads=(output, heads) if heads is not None else None)
 
 
 def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str],
-          specs: dict[str, dict[str, Any]] | None = None) -> Prepared:
+          specs: dict[str, dict[str, Any]] | None = None, fresh: dict[str, int] | None = None,
+          heads: tuple[str, dict[str, int]] | None = None) -> Prepared:
     """Build the adapters of ``m`` for exactly these target and ``train`` paths (from a file's
-    per-target ``specs`` when loading)."""
+    per-target ``specs`` when loading), fresh output layers and multi-task heads."""
+    fresh = fresh or {}
     for p in paths:
-        if _under(p, train_paths) or any(_under(t, [p]) for t in train_paths):
-            raise TargetError(f"module {p!r} is both a target and (inside) a `train` module; "
-                              "a trained module is saved whole, so drop it from one of the two lists")
+        if _under(p, train_paths) or any(_under(t, [p]) for t in train_paths) or (heads and _under(p, [heads[0]])):
+            raise TargetError(f"module {p!r} is both a target and (inside) a trained or replaced module; "
+                              "a trained module is saved whole, so drop it from one of the lists")
     adapters: list[Adapter] = []
     for p in paths:
         module = model.get_submodule(p)
@@ -128,11 +158,12 @@ def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train
         adapters.append(adapter)
     copies = []
     for p in train_paths:
-        c = copy.deepcopy(model.get_submodule(p))
+        c = fresh_layer(model.get_submodule(p), fresh[p]) if p in fresh else copy.deepcopy(model.get_submodule(p))
         for prm in c.parameters():
             prm.requires_grad_(True)
         copies.append(c)
-    return Prepared(m, info, AdapterSet(paths, adapters, train_paths, copies))
+    multi = (heads[0], MultiHead(model.get_submodule(heads[0]), heads[1])) if heads else None
+    return Prepared(m, info, AdapterSet(paths, adapters, train_paths, copies, fresh, multi))
 
 
 class AdaptedModel(nn.Module):
@@ -231,7 +262,8 @@ class AdaptedModel(nn.Module):
         return list(self._records)
 
     def add_adapter(self, name: str, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
-                    train: Selection = None, **options: Any) -> None:
+                    train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
+                    example_input: Any = None, **options: Any) -> None:
         """Add a new adapter (inactive until :meth:`set_adapter`).
 
         Args:
@@ -240,11 +272,16 @@ class AdaptedModel(nn.Module):
             targets: Modules to adapt (see :mod:`peftkit.targets`); the method's default if None.
             exclude: Modules (and everything under them) never to adapt.
             train: Modules to train fully and save whole in the adapter file.
+            head: Replace the output layer by a fresh one with this many outputs (trained, saved).
+            heads: Several named fresh heads on the output layer's input: ``{"count": 5, "size": 3}``;
+                the model then returns a dict of their outputs.
+            example_input: An input to trace one forward pass with, to find the output layer.
             **options: The method's own options, e.g. ``r=8`` for LoRA.
         """
         self._check_attached()
         self._check_new_name(name)
-        self.install(name, prepare(self.base_model, method, targets=targets, exclude=exclude, train=train, **options))
+        self.install(name, prepare(self.base_model, method, targets=targets, exclude=exclude, train=train,
+                                   head=head, heads=heads, example_input=example_input, **options))
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -278,6 +315,12 @@ class AdaptedModel(nn.Module):
             entries.append((host, Entry(name, base.get_submodule(path), prefix, adapter=adapter)))
         for path, c in mods.train_items():
             entries.append((path, Entry(name, base.get_submodule(path), replacement=c)))
+            if path not in mods.fresh:  # a tensor tied to another module's (lm_head ~ embedding) stays tied
+                for other, tname, cname in tied_aliases(base, path):
+                    entries.append((other, Entry(name, base.get_submodule(other), replacement=c, mapping={tname: cname})))
+        if mods.heads is not None:
+            entries.append((mods.heads_path, Entry(name, base.get_submodule(mods.heads_path), adapter=mods.heads,
+                                                   persistent=True)))
         for host, entry in entries:
             if host not in self._slots:
                 self._slots[host] = Slot(base.get_submodule(host), self._state)
@@ -392,11 +435,23 @@ class AdaptedModel(nn.Module):
                     base.add_(d.detach().to(base.dtype))
                 for path, c in rec.modules.train_items():
                     module = self.base_model.get_submodule(path)
+                    aliases = [] if path in rec.modules.fresh else tied_aliases(self.base_model, path)
+                    new_tensors = {}
                     for tn, t in replacement_tensors(c):
                         store, key = tensor_slot(module, tn)
                         rec.merged_originals.append((store, key, store[key]))
                         new = t.detach().clone()
-                        store[key] = nn.Parameter(new, requires_grad=False) if isinstance(store[key], nn.Parameter) else new
+                        new_tensors[tn] = store[key] = (nn.Parameter(new, requires_grad=False)
+                                                        if isinstance(store[key], nn.Parameter) else new)
+                    if path in rec.modules.fresh:  # a new output layer: keep the module's own sizes right
+                        for attr in ("out_features", "out_channels"):
+                            if hasattr(module, attr):
+                                rec.merged_attrs.append((module, attr, getattr(module, attr)))
+                                setattr(module, attr, rec.modules.fresh[path])
+                    for other, tname, cname in aliases:  # tied tensors get the same merged tensor
+                        store, key = tensor_slot(self.base_model.get_submodule(other), tname)
+                        rec.merged_originals.append((store, key, store[key]))
+                        store[key] = new_tensors[cname]
                 self._state.merged.add(n)
 
     def unmerge(self) -> None:
@@ -414,6 +469,9 @@ class AdaptedModel(nn.Module):
                 for store, key, original in reversed(rec.merged_originals):
                     store[key] = original
                 rec.merged_originals.clear()
+                for module, attr, value in reversed(rec.merged_attrs):
+                    setattr(module, attr, value)
+                rec.merged_attrs.clear()
                 self._state.merged.discard(n)
 
     @property
@@ -433,6 +491,10 @@ class AdaptedModel(nn.Module):
         """
         self._check_attached()
         if merge:
+            multi = [n for n in self._state.active if self._records[n].modules.heads is not None]
+            if multi:
+                raise MergeError(f"adapter {multi[0]!r} has multi-task heads, which return a dict and cannot be folded "
+                                 "into the backbone; keep the AdaptedModel, or use unwrap(merge=False)")
             self._merge(keep_originals=False)
             for rec in self._records.values():
                 rec.backups.clear()
@@ -487,7 +549,8 @@ def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:
 
 
 def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selection = None,
-         exclude: Selection = None, train: Selection = None, **options: Any) -> AdaptedModel:
+         exclude: Selection = None, train: Selection = None, head: int | None = None,
+         heads: dict[str, int] | None = None, example_input: Any = None, **options: Any) -> AdaptedModel:
     """Wrap ``model`` with a new adapter of ``method``; the backbone is frozen.
 
     Args:
@@ -498,6 +561,11 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
             callable ``(path, module) -> bool``; the method's default when None.
         exclude: Modules never to adapt (with everything under them).
         train: Modules trained fully and saved whole in the adapter file.
+        head: Replace the output layer by a fresh one with this many outputs, trained and saved.
+        heads: Several named fresh heads on the shared trunk, ``{"count": 5, "size": 3}``; the model
+            then returns ``{name: output}``.
+        example_input: An input (tensor or tuple) to trace one forward pass with when the output
+            layer cannot be told from the module order.
         **options: The method's own options (e.g. ``r=8, alpha=16`` for LoRA).
 
     Returns:
@@ -513,7 +581,8 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
         m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=8)
         m.summary()
     """
-    prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, **options)
+    prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, head=head, heads=heads,
+                       example_input=example_input, **options)
     adapted = AdaptedModel(model)
     adapted.install(name, prepared)
     adapted.set_adapter(name)

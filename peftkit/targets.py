@@ -24,7 +24,7 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["Selection", "Selector", "find_output_layer", "select_modules"]
+__all__ = ["Selection", "Selector", "find_blocks", "find_output_layer", "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -130,8 +130,8 @@ def find_output_layer(model: nn.Module, example_input: Any = None) -> str | None
         return candidates[-1][0]
     import torch
 
-    ran: list[tuple[str, int]] = []
-    handles = [m.register_forward_hook(lambda mod, a, out, _p=p: ran.append((_p, id(out))))
+    ran: list[tuple[str, Any]] = []  # keep outputs alive: a freed tensor's id() can be reused
+    handles = [m.register_forward_hook(lambda mod, a, out, _p=p: ran.append((_p, out)))
                for p, m in candidates]
     try:
         with torch.no_grad():
@@ -141,10 +141,39 @@ def find_output_layer(model: nn.Module, example_input: Any = None) -> str | None
         for h in handles:
             h.remove()
     produced = {id(t) for t in _flatten(out)}
-    for path, out_id in reversed(ran):
-        if out_id in produced:
+    for path, value in reversed(ran):
+        if id(value) in produced:
             return path
     return ran[-1][0] if ran else candidates[-1][0]
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """The blocks of the backbone's main stage, input side first: the parametrised children of the
+    module that has the most of them among those holding at least a quarter of the parameters
+    (ResNet: ``conv1 … layer4, fc``; ViT: ``encoder.layers.*``; BERT: ``encoder.layer.*``)."""
+    total = sum(p.numel() for p in model.parameters()) or 1
+    best: tuple[str, list[str]] = ("", [])
+    for path, module in model.named_modules():
+        kids = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        covered = sum(p.numel() for n in kids for p in module.get_submodule(n).parameters())
+        if len(kids) > len(best[1]) and covered >= total / 4:
+            best = (path, kids)
+    prefix = f"{best[0]}." if best[0] else ""
+    return [prefix + n for n in best[1]]
+
+
+def tied_aliases(model: nn.Module, path: str) -> list[tuple[str, str, str]]:
+    """Tensors of other modules that *are* (tied to) a tensor of the module at ``path``:
+    ``(other module path, its tensor name, the tensor's name in the module at path)``."""
+    mine = {id(t): n for n, t in model.get_submodule(path).named_parameters(remove_duplicate=False)}
+    out = []
+    for other, module in model.named_modules():
+        if other == path or _under(other, [path]) or _under(path, [other]):
+            continue
+        for n, t in module.named_parameters(recurse=False):
+            if id(t) in mine:
+                out.append((other, n, mine[id(t)]))
+    return out
 
 
 def _flatten(obj: Any) -> list[Any]:

@@ -37,5 +37,6 @@ METHOD_CASES = [
     MethodCase("parallel_adapter", {"bottleneck": 3, "activation": "identity"},
                {"bottleneck": 3, "activation": "identity", "init": "houlsby", "scale": 50.0},
                models=("mlp",)),  # folds into Linear targets (grouped convs and attention do not fold)
+    MethodCase("last_layer", {}, {"unfreeze": 1}),
     MethodCase("ia3", {}, {"init": 1.5}),  # the third-party example plugin, installed from examples/
 ]

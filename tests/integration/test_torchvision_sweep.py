@@ -40,6 +40,8 @@ def test_default_lora(name: str, tmp_path: Path) -> None:
     head = peftkit.targets.find_output_layer(model)
     torch.nn.init.normal_(model.get_submodule(head).weight, std=0.02)  # ViTs start with a zero head: no gradient
     x = torch.randn(1 if size > 100 else 2, 3, size, size)
+    assert head == peftkit.find_output_layer(model, example_input=x)  # module order and tracing agree
+    assert model.get_submodule(head).weight.shape[0] == 10
     m = peftkit.wrap(model, "lora", r=2, init=False)
     assert m.peft_adapters["default"].paths, "no default targets"
     assert head not in m.peft_adapters["default"].paths

@@ -1,0 +1,53 @@
+"""Last-layer fine-tuning ("feature extraction"), the standard transfer-learning recipe.
+
+Freeze the pretrained network and train only its output layer: the existing one, or a fresh one
+with ``head=N`` outputs. With more target data, ``unfreeze=k`` also trains the last ``k`` blocks of
+the backbone's main stage. Trained modules are saved whole (BatchNorm statistics included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, TargetError
+from peftkit.targets import _under, find_blocks
+
+
+@dataclass(frozen=True)
+class LastLayerConfig:
+    """Options of the ``last_layer`` method."""
+
+    unfreeze: int = 0  # also train the last k blocks of the main stage (input side excluded)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unfreeze, int) or isinstance(self.unfreeze, bool) or self.unfreeze < 0:
+            raise ConfigError(f"last_layer option unfreeze={self.unfreeze!r} is invalid; expected a block count >= 0")
+
+
+class LastLayer(peftkit.Method):
+    """Train only the output layer (or a fresh head=N), optionally the last `unfreeze` blocks."""
+
+    name = "last_layer"
+    Config = LastLayerConfig
+    adapts_targets = False
+
+    def trained_modules(self, model: nn.Module, output_layer: str | None, replaced: bool) -> list[str]:
+        if output_layer is None:
+            raise TargetError(f"{type(model).__name__} has no parametrised output layer to train")
+        chosen = [] if replaced else [output_layer]
+        if self.config.unfreeze:
+            blocks = [b for b in find_blocks(model) if not (_under(output_layer, [b]) or _under(b, [output_layer]))]
+            if self.config.unfreeze > len(blocks):
+                raise ConfigError(f"unfreeze={self.config.unfreeze} but the main stage has only {len(blocks)} blocks "
+                                  f"before the output layer: {', '.join(blocks)}")
+            chosen += blocks[-self.config.unfreeze:]
+        return chosen
+
+
+@peftkit.hookimpl
+def register_methods(register: Any) -> None:
+    register(LastLayer)

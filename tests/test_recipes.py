@@ -1,0 +1,113 @@
+"""param_groups, anchored_loss, multi-task heads and their losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import TinyCNN
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError, MergeError
+
+
+def test_param_groups_depth_order_on_resnet18() -> None:
+    m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=2, head=10)
+    groups = peftkit.param_groups(m, lr=1.0, decay=0.5, weight_decay=0.01)
+    by_module = {path: g["depth"] for g in groups for path in g["modules"]}
+    assert by_module["fc"] == 0
+    assert by_module["layer4.1.conv2"] == 1 and by_module["layer4.0.downsample.0"] == 1
+    assert by_module["layer3.0.conv1"] == 2 and by_module["layer1.1.conv2"] == 4 and by_module["conv1"] == 6
+    assert [g["lr"] for g in groups] == [0.5**g["depth"] for g in groups]
+    assert all(g["weight_decay"] == 0.01 for g in groups)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params}) == sum(1 for p in m.parameters() if p.requires_grad)
+    torch.optim.AdamW(groups)  # usable as is
+
+
+def test_param_groups_with_unfrozen_blocks() -> None:
+    m = peftkit.wrap(torchvision.models.resnet18(), "last_layer", head=2, unfreeze=2)
+    groups = peftkit.param_groups(m, lr=1e-3, decay=0.8)
+    assert [(g["modules"], g["depth"]) for g in groups] == [(["fc"], 0), (["layer4"], 1), (["layer3"], 2)]
+
+
+def test_anchored_loss_matches_hand_value_and_has_no_base_gradient() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        p_base = F.softmax(net(x), dim=-1)
+    m = peftkit.wrap(net, "lora", r=2, init=False)
+    logits = m(x)
+    task = F.cross_entropy(logits, y)
+    loss = peftkit.anchored_loss(m, x, task, alpha=0.3)
+    q = F.softmax(logits, dim=-1)
+    kl = (p_base * (p_base.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(loss, 0.7 * task + 0.3 * kl)
+    loss.backward()
+    assert all(p.grad is None for p in net.parameters())  # nothing flows into the base branch
+    assert all(p.grad is not None for p in m.peft_adapters.parameters())
+    same = peftkit.anchored_loss(m, x, task.detach(), alpha=0.3, logits=logits.detach())
+    torch.testing.assert_close(same, loss.detach())
+
+
+def test_anchored_loss_is_zero_at_identity_and_refuses_a_new_head() -> None:
+    net = TinyCNN()
+    x = torch.randn(2, 3, 8, 8)
+    m = peftkit.wrap(net, "lora", r=2)
+    torch.testing.assert_close(peftkit.anchored_loss(m, x, torch.tensor(0.0), alpha=1.0), torch.tensor(0.0), atol=1e-7, rtol=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        peftkit.anchored_loss(m, x, torch.tensor(0.0), alpha=1.5)
+    new_head = peftkit.wrap(TinyCNN(), "lora", head=7)
+    with pytest.raises(ConfigError, match="output space"):
+        peftkit.anchored_loss(new_head, x, torch.tensor(0.0))
+
+
+def test_multitask_heads_return_a_dict_and_round_trip(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "lora", r=2, heads={"count": 5, "size": 3})
+    out = m(x)
+    assert set(out) == {"count", "size"} and out["count"].shape == (4, 5) and out["size"].shape == (4, 3)
+    targets = {"count": torch.tensor([0, 1, 2, 3]), "size": torch.rand(4)}
+    losses = {"count": F.cross_entropy, "size": lambda p, t: peftkit.pinball_loss(p, t, (0.1, 0.5, 0.9))}
+    total, parts = peftkit.multitask_loss(out, targets, losses, weights={"size": 2.0})
+    torch.testing.assert_close(total, parts["count"] + 2.0 * parts["size"])
+    total.backward()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        expected = m(x)
+        m.merge()  # the LoRA deltas fold in, the heads stay
+        merged = m(x)
+        m.unmerge()
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+    path = peftkit.save(m, tmp_path / "mt.safetensors")
+    header = peftkit.read_header(path)
+    assert header.targets["fc"]["role"] == "heads" and "fc.heads.count.weight" in header.tensors
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loaded = peftkit.load(TinyCNN(), path).eval()(x)
+    for k in expected:
+        torch.testing.assert_close(loaded[k], expected[k], rtol=0, atol=0)
+    with pytest.raises(MergeError, match="multi-task heads"):
+        m.unwrap(merge=True)
+
+
+def test_pinball_loss_hand_value() -> None:
+    pred = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    target = torch.tensor([2.0, 1.0])
+    # e = target - pred = [[1, 0], [-2, 1]]; q = (0.2, 0.8): max(q e, (q-1) e)
+    expected = torch.tensor([[0.2, 0.0], [1.6, 0.8]]).mean()
+    torch.testing.assert_close(peftkit.pinball_loss(pred, target, (0.2, 0.8)), expected)
+    with pytest.raises(ConfigError, match="quantiles"):
+        peftkit.pinball_loss(pred, target, (0.2, 1.0))
+    with pytest.raises(ConfigError, match="expected"):
+        peftkit.pinball_loss(pred, target, (0.5,))

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 from . import errors
+from .fisher import fisher_information, fisher_mask
 from .heads import multitask_loss, pinball_loss
 from .hookspecs import hookimpl
 from .io import AdapterHeader, load, read_header, save
@@ -38,6 +39,8 @@ __all__ = [
     "anchored_loss",
     "errors",
     "find_output_layer",
+    "fisher_information",
+    "fisher_mask",
     "hookimpl",
     "load",
     "methods",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .method import Adapter
+from .method import Adapter, add_delta
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Slot:
                 for name, d in (deltas or {}).items():
                     key = e.prefix + name
                     base = subs[key] if key in subs else _get(self.host, key)
-                    subs[key] = base + d.to(base.dtype)
+                    subs[key] = add_delta(base, d)
         return subs
 
     def _live(self) -> list[Entry]:

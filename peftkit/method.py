@@ -26,7 +26,26 @@ from torch import nn
 
 from .errors import ConfigError, TargetError
 
-__all__ = ["Adapter", "Method"]
+__all__ = ["Adapter", "Method", "SparseDelta", "add_delta"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDelta:
+    """A weight delta on a few entries: ``values`` added at flat positions ``index`` of the tensor.
+
+    Returned by :meth:`Adapter.delta` for sparse methods (FISH): the core then copies the base tensor
+    once and adds ``values`` at ``index``, so every other entry stays bitwise equal to the base.
+    """
+
+    index: torch.Tensor  # (k,) int64 flat positions
+    values: torch.Tensor  # (k,) values, differentiable
+
+
+def add_delta(base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> torch.Tensor:
+    """``base + delta`` out of place, for a dense or a sparse delta (differentiable in ``delta``)."""
+    if isinstance(delta, SparseDelta):
+        return base.reshape(-1).index_add(0, delta.index, delta.values.to(base.dtype)).view_as(base)
+    return base + delta.to(base.dtype)
 
 
 class Adapter(nn.Module):
@@ -46,10 +65,11 @@ class Adapter(nn.Module):
         """
         raise NotImplementedError
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Weight-space form: tensors to add to the target's own parameters, keyed by their names
-        relative to the target (e.g. ``"weight"``, ``"out_proj.weight"``); ``None`` when this
-        adapter cannot be written as a weight delta (then it cannot be merged)."""
+    def delta(self, module: nn.Module) -> dict[str, torch.Tensor | SparseDelta] | None:
+        """Weight-space form: tensors (dense, or :class:`SparseDelta`) to add to the target's own
+        parameters, keyed by their names relative to the target (e.g. ``"weight"``,
+        ``"out_proj.weight"``); ``None`` when this adapter cannot be written as a weight delta (then
+        it cannot be merged)."""
         return None
 
     def spec(self) -> dict[str, Any]:
@@ -116,8 +136,12 @@ class Method:
         return cls(config)
 
     def config_json(self) -> str:
-        """The config as JSON (stored in adapter files)."""
-        return json.dumps(dataclasses.asdict(self.config), separators=(",", ":"), sort_keys=True)
+        """The config as JSON (stored in adapter files). Fields declared with
+        ``field(metadata={"runtime": True})`` (data, callables, masks) are inputs, not config, and
+        are left out."""
+        saved = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+                 if not f.metadata.get("runtime")}
+        return json.dumps(saved, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Method:
@@ -125,6 +149,17 @@ class Method:
         return cls.configure(**json.loads(text))
 
     # -- targets -------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, trained: Sequence[str], trained_parameters: int) -> None:
+        """Called once before target selection when wrapping (not when loading a file): the place
+        for work that needs the model, such as estimating parameter importance.
+
+        Args:
+            model: The backbone.
+            trained: Paths of modules trained whole or replaced (``train``, ``head``, ``heads``).
+            trained_parameters: How many parameters those will train (a method with a parameter
+                budget counts them inside it).
+        """
+
     def default_targets(self, model: nn.Module) -> list[str]:
         """Module paths to adapt when the user gives no ``targets``."""
         raise TargetError(f"method {self.name!r} has no default targets; pass targets=[...]")

@@ -18,7 +18,7 @@ from torch import nn
 from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
 from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
 from .heads import MultiHead, fresh_layer
-from .method import Adapter, Method
+from .method import Adapter, Method, SparseDelta
 from .plugins import MethodInfo, get_method
 from .targets import Selection, _under, calls_forward, find_output_layer, host_of, select_modules, tied_aliases
 
@@ -80,7 +80,7 @@ class _Record:
     modules: AdapterSet
     merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
     merged_attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
-    backups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    backups: list[tuple[torch.Tensor, torch.Tensor | SparseDelta]] = field(default_factory=list)
 
 
 def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
@@ -112,6 +112,12 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
     train_paths = sorted((p for p in dict.fromkeys(train_paths) if not _under(p, [q for q in train_paths if q != p])),
                          key=order.__getitem__)
     avoid = train_paths + ([output] if replaced and output else [])
+    trained = sum(p.numel() for t in train_paths if t not in ([output] if head is not None else [])
+                  for p in model.get_submodule(t).parameters())
+    for n in ([head] if head is not None else []) + list((heads or {}).values()):
+        layer = model.get_submodule(output)  # a fresh layer of n outputs: n rows of weight, n biases
+        trained += layer.weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
+    m.setup(model, avoid, trained)
     if not m.adapts_targets:
         if targets is not None:
             raise ConfigError(f"method {m.name!r} trains whole modules and takes no targets; use train=[...]")
@@ -420,7 +426,7 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for n in names:  # check everything before changing anything
                 for what, base, d in self._deltas(n):
-                    if not torch.isfinite(base + d.to(base.dtype)).all():
+                    if not _finite_after(base, d):
                         raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
                 for path, c in self._records[n].modules.train_items():
                     for tn, t in replacement_tensors(c):
@@ -430,6 +436,12 @@ class AdaptedModel(nn.Module):
                 rec = self._records[n]
                 # compute every delta before changing any tensor: a delta may read base weights
                 for _, base, d in list(self._deltas(n)):
+                    if isinstance(d, SparseDelta):  # back up (and change) only the touched entries
+                        flat = base.view(-1)
+                        if keep_originals:
+                            rec.backups.append((base, SparseDelta(d.index, flat[d.index].clone())))
+                        flat.index_add_(0, d.index, d.values.detach().to(base.dtype))
+                        continue
                     if keep_originals:
                         rec.backups.append((base, base.detach().clone()))
                     base.add_(d.detach().to(base.dtype))
@@ -464,7 +476,10 @@ class AdaptedModel(nn.Module):
             for n in reversed(names):
                 rec = self._records[n]
                 for base, original in reversed(rec.backups):
-                    base.copy_(original)
+                    if isinstance(original, SparseDelta):
+                        base.view(-1).index_copy_(0, original.index, original.values)
+                    else:
+                        base.copy_(original)
                 rec.backups.clear()
                 for store, key, original in reversed(rec.merged_originals):
                     store[key] = original
@@ -539,6 +554,12 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self._state.active}, merged={sorted(self._state.merged)}"
+
+
+def _finite_after(base: torch.Tensor, d: torch.Tensor | SparseDelta) -> bool:
+    if isinstance(d, SparseDelta):
+        return bool(torch.isfinite(base.reshape(-1)[d.index] + d.values.to(base.dtype)).all())
+    return bool(torch.isfinite(base + d.to(base.dtype)).all())
 
 
 def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:

@@ -23,6 +23,7 @@ class MethodCase:
     random_options: dict[str, Any] = field(default_factory=dict)
     models: tuple[str, ...] = ("mlp", "cnn", "transformer")
     mergeable: bool = True
+    needs_data: bool = False  # the method estimates something from data (FISH): the suite passes data=
 
     def __str__(self) -> str:
         return self.method
@@ -38,5 +39,8 @@ METHOD_CASES = [
                {"bottleneck": 3, "activation": "identity", "init": "houlsby", "scale": 50.0},
                models=("mlp",)),  # folds into Linear targets (grouped convs and attention do not fold)
     MethodCase("last_layer", {}, {"unfreeze": 1}),
+    MethodCase("fish", {"keep": 0.25, "samples": 8}, {"keep": 0.25, "samples": 8}, needs_data=True),
+    MethodCase("fish", {"keep": 0.3, "samples": 8, "scope": "tensor", "fisher": "expected"},
+               {"keep": 0.3, "samples": 8, "scope": "tensor"}, needs_data=True),
     MethodCase("ia3", {}, {"init": 1.5}),  # the third-party example plugin, installed from examples/
 ]

@@ -20,6 +20,15 @@ def case(request: pytest.FixtureRequest, tiny: TinyModel) -> MethodCase:
     return request.param
 
 
+def _opts(case: MethodCase, tiny: TinyModel, random: bool = False) -> dict:
+    """The case's options, plus a batch of labelled data for methods that estimate from data."""
+    opts = dict(case.random_options if random else case.options)
+    if case.needs_data:
+        x = tiny.input()
+        opts.update(data=[(x, torch.arange(x.shape[0]) % 3)], loss_fn=None)
+    return opts
+
+
 def _out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
@@ -36,7 +45,7 @@ def test_identity_at_init(case: MethodCase, tiny: TinyModel) -> None:
     base = tiny.fresh().eval()
     x = tiny.input()
     expected = _out(base, x)
-    m = peftkit.wrap(base, case.method, **case.options).eval()
+    m = peftkit.wrap(base, case.method, **_opts(case, tiny)).eval()
     # float tolerance, not bitwise: an output-space adapter inside nn.TransformerEncoderLayer turns
     # off its fused inference kernel, which rounds differently (~1e-8)
     torch.testing.assert_close(_out(m, x), expected)
@@ -47,7 +56,7 @@ def test_training_changes_only_adapter_and_train_modules(case: MethodCase, tiny:
     base = tiny.fresh()
     before = snapshot(base)
     x = tiny.input()
-    m = peftkit.wrap(base, case.method, train=[tiny.head], **case.options).train()
+    m = peftkit.wrap(base, case.method, train=[tiny.head], **_opts(case, tiny)).train()
     trainable = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("peft_adapters.") for n in trainable)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -67,7 +76,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(case: MethodCase, tiny: Tiny
     base = tiny.fresh().eval()
     before = snapshot(base)
     x = tiny.input()
-    m = peftkit.wrap(base, case.method, **case.random_options).eval()
+    m = peftkit.wrap(base, case.method, **_opts(case, tiny, random=True)).eval()
     _perturb(m)
     unmerged = _out(m, x)
     unmerged_grad_form = m(x).detach()
@@ -91,7 +100,7 @@ def test_unwrap_without_merge_returns_the_original(case: MethodCase, tiny: TinyM
     before = snapshot(base)
     keys = list(base.state_dict())
     flags = [p.requires_grad for p in base.parameters()]
-    m = peftkit.wrap(base, case.method, **case.random_options)
+    m = peftkit.wrap(base, case.method, **_opts(case, tiny, random=True))
     assert list(base.state_dict()) == keys  # the backbone's own keys never change
     back = m.unwrap(merge=False)
     assert back is base
@@ -104,7 +113,7 @@ def test_unwrap_with_merge_bakes_the_adapter_in(case: MethodCase, tiny: TinyMode
     if not case.mergeable:
         pytest.skip("not mergeable")
     x = tiny.input()
-    m = peftkit.wrap(tiny.fresh().eval(), case.method, **case.random_options).eval()
+    m = peftkit.wrap(tiny.fresh().eval(), case.method, **_opts(case, tiny, random=True)).eval()
     _perturb(m)
     expected = _out(m, x)
     plain = m.unwrap(merge=True)
@@ -114,7 +123,7 @@ def test_unwrap_with_merge_bakes_the_adapter_in(case: MethodCase, tiny: TinyMode
 
 def test_save_load_round_trip_on_a_fresh_backbone(case: MethodCase, tiny: TinyModel, tmp_path: Path) -> None:
     x = tiny.input()
-    m = peftkit.wrap(tiny.fresh(), case.method, train=[tiny.head], **case.random_options).eval()
+    m = peftkit.wrap(tiny.fresh(), case.method, train=[tiny.head], **_opts(case, tiny, random=True)).eval()
     _perturb(m)
     expected = _out(m, x)
     path = peftkit.save(m, tmp_path / "a.safetensors")
@@ -134,11 +143,11 @@ def test_two_adapters_switch_disable_and_delete(case: MethodCase, tiny: TinyMode
     x = tiny.input()
     base_out = _out(tiny.fresh().eval(), x)
     torch.manual_seed(1)
-    m = peftkit.wrap(tiny.fresh(), case.method, **case.random_options).eval()
+    m = peftkit.wrap(tiny.fresh(), case.method, **_opts(case, tiny, random=True)).eval()
     _perturb(m)
     out_a = _out(m, x)
     torch.manual_seed(2)
-    m.add_adapter("b", case.method, **case.random_options)
+    m.add_adapter("b", case.method, **_opts(case, tiny, random=True))
     _perturb(m, "b")
     assert m.active_adapters == ["default"]
     torch.testing.assert_close(_out(m, x), out_a, rtol=0, atol=0)  # inactive: no effect
@@ -161,7 +170,7 @@ def test_two_adapters_switch_disable_and_delete(case: MethodCase, tiny: TinyMode
 
 def test_new_head_trains_saves_and_loads(case: MethodCase, tiny: TinyModel, tmp_path: Path) -> None:
     x = tiny.input()
-    m = peftkit.wrap(tiny.fresh(), case.method, head=3, **case.options)
+    m = peftkit.wrap(tiny.fresh(), case.method, head=3, **_opts(case, tiny))
     assert m(x).shape[-1] == 3
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m(x).pow(2).mean().backward()

@@ -65,6 +65,8 @@ class Entry:
             return True
         if not a.has_delta:
             return False
+        if a.train_in_weight_space:
+            return True
         return not (grad and any(p.requires_grad for p in a.parameters()))
 
 

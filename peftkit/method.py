@@ -78,6 +78,13 @@ class Adapter(nn.Module):
         return {}
 
     @property
+    def train_in_weight_space(self) -> bool:
+        """Use the weight-space form also while training (default: output space). Worth it where the
+        output-space path costs more than a weight gradient, e.g. LoRA on convolutions over large
+        activations (measured in benchmarks/)."""
+        return False
+
+    @property
     def has_transform(self) -> bool:
         """Whether this adapter implements the output-space form."""
         return type(self).transform is not Adapter.transform

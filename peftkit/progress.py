@@ -8,7 +8,8 @@ from typing import Any, TextIO
 
 
 class Progress:
-    """``desc [#####-----] 12/40 3.1 it/s loss=0.52`` redrawn in place, at most ten times a second."""
+    """``desc [#####-----] 12/40 3.1 it/s loss=0.52`` redrawn in place, at most ten times a second, on a
+    terminal; written once, when done, to a file or pipe (so logs stay short)."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, stream: TextIO | None = None, unit: str = "it") -> None:
         self.total, self.desc, self.enabled, self.unit = total, desc, enabled, unit
@@ -22,7 +23,8 @@ class Progress:
         if postfix:
             self.postfix = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
         now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.1 or self.count >= self.total):
+        live = self.stream.isatty() if hasattr(self.stream, "isatty") else False
+        if self.enabled and live and (now - self._last > 0.1 or self.count >= self.total):
             self._last = now
             self._draw(now)
 

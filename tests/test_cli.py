@@ -42,6 +42,18 @@ def test_inspect_bad_file_is_a_clean_error(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--methods", "lora,fish,last_layer"]) == 0
     out = capsys.readouterr().out
-    assert "identical" in out and (tmp_path / "lora.safetensors").exists()
+    for step in ("1. Data", "2. Pretrain", "3. Adapting", "4. Results", "5. Swapping", "6. Multi-task", "Done in"):
+        assert step in out
+    assert out.count("(identical)") == 3 and "DIFFERENT" not in out
+    assert {p.name for p in (tmp_path / "adapters").iterdir()} == {"lora.safetensors", "fish.safetensors",
+                                                                  "last_layer.safetensors"}
+    assert (tmp_path / "multitask-lora.safetensors").exists() and (tmp_path / "accuracy_vs_parameters.png").exists()
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--methods", "lora"]) == 0  # cached backbone
+    assert "cached at" in capsys.readouterr().out
+
+
+def test_demo_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--methods", "nope"]) == 2
+    assert "unknown methods ['nope']" in capsys.readouterr().err

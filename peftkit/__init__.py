@@ -11,8 +11,11 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import errors
 from .fisher import fisher_information, fisher_mask
+from .formats import Format, export, import_adapter
 from .heads import multitask_loss, pinball_loss
 from .hookspecs import hookimpl
 from .io import AdapterHeader, load, read_header, save
@@ -25,6 +28,17 @@ from .targets import find_output_layer
 __version__ = "0.1.0"
 
 
+def export_peft(model: AdaptedModel, directory: str, adapter: str | None = None) -> Any:
+    """Write a LoRA adapter as a Hugging Face PEFT directory (``peft.PeftModel.from_pretrained``
+    loads it with the same outputs). Provided by the ``peft`` format plugin."""
+    return export(model, directory, format="peft", adapter=adapter)
+
+
+def import_peft(model: Any, directory: str, name: str = "default") -> AdaptedModel:
+    """Load a Hugging Face PEFT LoRA directory onto ``model`` (``peftkit.load`` detects them too)."""
+    return import_adapter(model, directory, format="peft", name=name)
+
+
 def methods() -> dict[str, MethodInfo]:
     """Every registered method: ``{name: MethodInfo(plugin, version, doc, ...)}``."""
     return method_infos()
@@ -34,14 +48,19 @@ __all__ = [
     "AdaptedModel",
     "Adapter",
     "AdapterHeader",
+    "Format",
     "Method",
     "MethodInfo",
     "anchored_loss",
     "errors",
+    "export",
+    "export_peft",
     "find_output_layer",
     "fisher_information",
     "fisher_mask",
     "hookimpl",
+    "import_adapter",
+    "import_peft",
     "load",
     "methods",
     "multitask_loss",

@@ -18,3 +18,8 @@ hookimpl = pluggy.HookimplMarker("peftkit")
 @hookspec
 def register_methods(register: Callable[[type[Any]], None]) -> None:
     """Register PEFT methods: call ``register(MethodSubclass)`` once for each method provided."""
+
+
+@hookspec
+def register_formats(register: Callable[[type[Any]], None]) -> None:
+    """Register adapter file formats: call ``register(FormatSubclass)`` once for each format provided."""

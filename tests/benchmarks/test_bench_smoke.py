@@ -1,0 +1,25 @@
+"""The benchmark harness runs end to end at tiny sizes, once (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).parents[2] / "benchmarks" / "run.py"
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, str(RUN), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["rows"]) >= {"MiniLM q,v", "resnet18 all convs", "vit_b_16 attention+MLP"}
+    assert results["compile"]["torch.compile same outputs"] is True
+    assert results["scale"]["tiny peftkit wrap s"] > 0
+    assert "| MiniLM q,v |" in (tmp_path / "RESULTS.md").read_text()

@@ -412,8 +412,9 @@ def report(results: dict[str, Any]) -> str:
             f"{rat['unmerged vs merged']} | {rat['merged vs plain']} | "
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for section in ("io", "scale", "fish", "compile"):
-        lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
-                                              for k, v in results[section].items()]
+        if section in results:
+            lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
+                                                  for k, v in results[section].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -462,14 +463,19 @@ def main(argv: list[str] | None = None) -> int:
         entry["memory"] = {lib: _sub(["--memory", f"{row}|{lib}", *smoke]) for lib in libs}
         results["rows"][row] = entry
         print(f"{row}: {json.dumps(entry['ratios'])}", flush=True)
+        _write(a.out, results)  # after every row: a long run stopped early still leaves its results
     for section in ("io", "scale", "fish", "compile"):
         results[section] = _sub(["--section", section, *smoke])
         print(f"{section}: {json.dumps(results[section])}", flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (a.out / "RESULTS.md").write_text(report(results))
+        _write(a.out, results)
     print(f"wrote {a.out / 'results.json'} and {a.out / 'RESULTS.md'}")
     return 0
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "RESULTS.md").write_text(report(results))
 
 
 if __name__ == "__main__":

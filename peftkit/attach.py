@@ -9,7 +9,7 @@ are put back (also when the forward raises). The backbone's module tree, classes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,8 @@ class Slot:
         self.state = state
         self.entries: list[Entry] = []
         self.fired = False
+        self.cache = True  # keep no-grad substitutions (W + delta) until an adapter or base tensor changes
+        self._cached: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]] | None = None
         self._saved: list[list[tuple[dict[str, Any], str, Any]]] = []
         self._handles = [
             host.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -122,6 +124,32 @@ class Slot:
                     subs[key] = add_delta(base, d)
         return subs
 
+    def clear_cache(self) -> None:
+        self._cached = None
+
+    @staticmethod
+    def _stamp(entries: list[Entry]) -> tuple[Any, ...]:
+        """Identity and version of every tensor the substitutions are computed from."""
+        parts: list[Any] = []
+        for e in entries:
+            module = e.adapter if e.adapter is not None else e.replacement
+            parts.append(id(e))
+            parts.extend((id(t), t._version) for t in module.parameters())  # type: ignore[union-attr]
+            parts.extend((id(t), t._version) for t in module.buffers())  # type: ignore[union-attr]
+        return tuple(parts)
+
+    def _cached_substitutions(self, entries: list[Entry]) -> dict[str, torch.Tensor]:
+        # Inference: fold the deltas in once (W + s*B@A) and reuse them until something changes;
+        # the unmerged model then runs as fast as the merged one.
+        stamp = self._stamp(entries)
+        if self._cached is not None and self._cached[0] == stamp and all(
+                _get(self.host, k) is base and base._version == v for k, (base, v) in self._cached[2].items()):
+            return self._cached[1]
+        subs = self.substitutions(entries, grad=False)
+        bases = {k: (_get(self.host, k), _get(self.host, k)._version) for k in subs}
+        self._cached = (stamp, subs, bases)
+        return subs
+
     def _live(self) -> list[Entry]:
         return [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]
 
@@ -131,7 +159,8 @@ class Slot:
         if not entries:
             self._saved.append([])
             return
-        subs = self.substitutions(entries, torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
+        subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad)
         saved = []
         for name, tensor in subs.items():
             store, key = tensor_slot(host, name)
@@ -155,9 +184,3 @@ class Slot:
 def _get(module: nn.Module, name: str) -> torch.Tensor:
     store, key = tensor_slot(module, name)
     return store[key]
-
-
-def walk_tensors(module: nn.Module, fn: Callable[[str, torch.Tensor], None]) -> None:
-    """Call ``fn(name, tensor)`` for every parameter and buffer of ``module``."""
-    for n, t in module.state_dict(keep_vars=True).items():
-        fn(n, t)

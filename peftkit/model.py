@@ -20,7 +20,7 @@ from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAd
 from .heads import MultiHead, fresh_layer
 from .method import Adapter, Method, SparseDelta
 from .plugins import MethodInfo, get_method
-from .targets import Selection, _under, calls_forward, find_output_layer, host_of, select_modules, tied_aliases
+from .targets import Selection, calls_forward, find_output_layer, host_of, is_under, select_modules, tied_aliases
 
 __all__ = ["AdaptedModel", "wrap"]
 
@@ -109,7 +109,7 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
     if head is not None:
         train_paths.append(output)
     order = {p: i for i, (p, _) in enumerate(model.named_modules())}
-    train_paths = sorted((p for p in dict.fromkeys(train_paths) if not _under(p, [q for q in train_paths if q != p])),
+    train_paths = sorted((p for p in dict.fromkeys(train_paths) if not is_under(p, [q for q in train_paths if q != p])),
                          key=order.__getitem__)
     avoid = train_paths + ([output] if replaced and output else [])
     trained = sum(p.numel() for t in train_paths if t not in ([output] if head is not None else [])
@@ -124,14 +124,14 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         paths: list[str] = []
     elif targets is None:
         excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
-        paths = [p for p in m.default_targets(model) if not _under(p, excluded + avoid)]
+        paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]
         if not paths:
             raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
     else:
         paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt)
     chosen = set(paths)
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
-    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not _under(p, avoid)]
+    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not is_under(p, avoid)]
     fresh = {output: head} if head is not None and output is not None else {}
     return build(model, m, info, paths, train_paths, fresh=fresh, heads=(output, heads) if heads is not None else None)
 
@@ -143,7 +143,7 @@ def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train
     per-target ``specs`` when loading), fresh output layers and multi-task heads."""
     fresh = fresh or {}
     for p in paths:
-        if _under(p, train_paths) or any(_under(t, [p]) for t in train_paths) or (heads and _under(p, [heads[0]])):
+        if is_under(p, train_paths) or any(is_under(t, [p]) for t in train_paths) or (heads and is_under(p, [heads[0]])):
             raise TargetError(f"module {p!r} is both a target and (inside) a trained or replaced module; "
                               "a trained module is saved whole, so drop it from one of the lists")
     adapters: list[Adapter] = []
@@ -195,6 +195,7 @@ class AdaptedModel(nn.Module):
         self._orig_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
         self._no_fastpath = False
+        self._frozen_norms: list[nn.Module] = []
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -246,15 +247,38 @@ class AdaptedModel(nn.Module):
     def train(self, mode: bool = True) -> AdaptedModel:
         """Set training mode; frozen normalisation layers stay in eval mode (stored statistics)."""
         super().train(mode)
+        if mode:  # training recomputes substitutions with autograd: free the inference cache
+            for slot in self._slots.values():
+                slot.clear_cache()
         self._hold_frozen_norms()
         return self
 
     def _hold_frozen_norms(self) -> None:
+        for m in self._frozen_norms:
+            if m.training:
+                m.eval()
+
+    def _refresh(self) -> None:
+        """Recompute what depends on the adapter set: the norm layers to hold in eval mode (not the
+        ones inside an active adapter's `train` modules), and drop cached folded weights."""
         trained = [p for n in self._state.active if n in self._records
                    for p in self._records[n].modules.train_paths]
-        for path, m in self.base_model.named_modules():
-            if m.training and isinstance(m, nn.modules.batchnorm._NormBase) and not _under(path, trained):
-                m.eval()
+        self._frozen_norms = [m for path, m in self.base_model.named_modules()
+                              if isinstance(m, nn.modules.batchnorm._NormBase) and not is_under(path, trained)]
+        for slot in self._slots.values():
+            slot.clear_cache()
+            slot.cache = self.cache_weights
+
+    @property
+    def cache_weights(self) -> bool:
+        """Whether inference (no autograd) reuses the folded weights ``W + delta`` until an adapter
+        changes (default True: as fast as merged, at the memory of one copy of the adapted weights)."""
+        return self.__dict__.get("_cache_weights", True)
+
+    @cache_weights.setter
+    def cache_weights(self, value: bool) -> None:
+        self.__dict__["_cache_weights"] = bool(value)
+        self._refresh()
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -340,6 +364,7 @@ class AdaptedModel(nn.Module):
         # nn.TransformerEncoderLayer's inference fast path does) only runs if that fast path is off.
         self._no_fastpath = self._no_fastpath or any(
             host_of(base, p)[1] and not a.has_delta for p, a in mods.items())
+        self._refresh()
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters (applied in that order); they become trainable and the
@@ -354,6 +379,7 @@ class AdaptedModel(nn.Module):
         for n, rec in self._records.items():
             for p in rec.modules.parameters():
                 p.requires_grad_(n in wanted)
+        self._refresh()
         self._hold_frozen_norms()
 
     def delete_adapter(self, name: str) -> None:
@@ -372,6 +398,7 @@ class AdaptedModel(nn.Module):
         del self._records[name]
         del self.peft_adapters[name]
         self._state.active = [n for n in self._state.active if n != name]
+        self._refresh()
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -465,6 +492,7 @@ class AdaptedModel(nn.Module):
                         rec.merged_originals.append((store, key, store[key]))
                         store[key] = new_tensors[cname]
                 self._state.merged.add(n)
+        self._refresh()
 
     def unmerge(self) -> None:
         """Restore the backbone's tensors as they were before :meth:`merge` (idempotent, exact)."""
@@ -488,6 +516,7 @@ class AdaptedModel(nn.Module):
                     setattr(module, attr, value)
                 rec.merged_attrs.clear()
                 self._state.merged.discard(n)
+        self._refresh()
 
     @property
     def merged(self) -> bool:

@@ -12,14 +12,14 @@ from torch import nn
 
 from .errors import ConfigError
 from .model import AdaptedModel
-from .targets import _under, find_blocks, find_output_layer
+from .targets import find_blocks, find_output_layer, is_under
 
 __all__ = ["anchored_loss", "param_groups"]
 
 
 def _depths(base: nn.Module) -> tuple[str | None, list[str], list[str]]:
     output = find_output_layer(base)
-    blocks = [b for b in find_blocks(base) if not (output and (_under(output, [b]) or _under(b, [output])))]
+    blocks = [b for b in find_blocks(base) if not (output and (is_under(output, [b]) or is_under(b, [output])))]
     return output, blocks, [p for p, _ in base.named_modules()]
 
 
@@ -46,13 +46,13 @@ def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, **gr
         raise ConfigError(f"decay={decay!r} is invalid; expected a factor in (0, 1], e.g. 0.8")
     base = model.base_model
     output, blocks, order = _depths(base)
-    last_block_end = max((i for i, p in enumerate(order) if blocks and _under(p, [blocks[-1]])), default=-1)
+    last_block_end = max((i for i, p in enumerate(order) if blocks and is_under(p, [blocks[-1]])), default=-1)
 
     def depth(path: str) -> int:
-        if output is not None and _under(path, [output]):
+        if output is not None and is_under(path, [output]):
             return 0
         for i, b in enumerate(blocks):
-            if _under(path, [b]):
+            if is_under(path, [b]):
                 return len(blocks) - i
         return 0 if order.index(path) > last_block_end else len(blocks) + 1
 

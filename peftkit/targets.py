@@ -24,7 +24,8 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["Selection", "Selector", "find_blocks", "find_output_layer", "select_modules", "tied_aliases"]
+__all__ = ["Selection", "Selector", "find_blocks", "find_output_layer", "host_of", "is_under", "matches",
+           "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -33,6 +34,11 @@ def _as_list(selection: Selection) -> list[Selector]:
     if isinstance(selection, (str, type)) or callable(selection):
         return [selection]  # type: ignore[list-item]
     return list(selection)
+
+
+def matches(selector: Selector, path: str, module: nn.Module | None = None) -> bool:
+    """Whether one selector (name, dotted suffix, full-match regex, type or callable) picks ``path``."""
+    return (isinstance(selector, str) and _by_name(selector, path)) or _by_pattern(selector, path, module)  # type: ignore[arg-type]
 
 
 def _by_name(selector: str, path: str) -> bool:
@@ -55,7 +61,8 @@ def _by_pattern(selector: Selector, path: str, module: nn.Module) -> bool:
     )
 
 
-def _under(path: str, prefixes: Iterable[str]) -> bool:
+def is_under(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or inside one of them."""
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
@@ -92,7 +99,7 @@ def select_modules(
     chosen: list[str] = []
     refused: list[str] = []
     for path, module in modules:
-        if _under(path, excluded):
+        if is_under(path, excluded):
             continue
         named = any(isinstance(s, str) and _by_name(s, path) for s in selectors)
         if named:
@@ -168,7 +175,7 @@ def tied_aliases(model: nn.Module, path: str) -> list[tuple[str, str, str]]:
     mine = {id(t): n for n, t in model.get_submodule(path).named_parameters(remove_duplicate=False)}
     out = []
     for other, module in model.named_modules():
-        if other == path or _under(other, [path]) or _under(path, [other]):
+        if other == path or is_under(other, [path]) or is_under(path, [other]):
             continue
         for n, t in module.named_parameters(recurse=False):
             if id(t) in mine:

@@ -14,7 +14,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.targets import _under, find_blocks
+from peftkit.targets import find_blocks, is_under
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LastLayer(peftkit.Method):
             raise TargetError(f"{type(model).__name__} has no parametrised output layer to train")
         chosen = [] if replaced else [output_layer]
         if self.config.unfreeze:
-            blocks = [b for b in find_blocks(model) if not (_under(output_layer, [b]) or _under(b, [output_layer]))]
+            blocks = [b for b in find_blocks(model) if not (is_under(output_layer, [b]) or is_under(b, [output_layer]))]
             if self.config.unfreeze > len(blocks):
                 raise ConfigError(f"unfreeze={self.config.unfreeze} but the main stage has only {len(blocks)} blocks "
                                   f"before the output layer: {', '.join(blocks)}")

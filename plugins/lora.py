@@ -18,7 +18,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.targets import _by_name, _by_pattern, find_output_layer
+from peftkit.targets import find_output_layer, matches
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -274,7 +274,7 @@ class LoRA(peftkit.Method):
 
     def _pick(self, pattern: dict[str, Any], path: str, default: Any) -> Any:
         for key, value in pattern.items():
-            if _by_name(key, path) or _by_pattern(key, path, None):  # type: ignore[arg-type]
+            if matches(key, path):
                 return value
         return default
 

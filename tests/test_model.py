@@ -199,3 +199,35 @@ def test_dead_adapter_warning() -> None:
     m = peftkit.wrap(nn.Sequential(Sneaky(), nn.Linear(4, 2)), "lora", targets=["inner"]).train()
     with pytest.warns(RuntimeWarning, match="never ran"):
         m(torch.randn(2, 4))
+
+
+def test_inference_cache_follows_every_change() -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    x = torch.randn(3, 8)
+    m = peftkit.wrap(net, "lora", r=2, init=False).eval()
+    lora = m.peft_adapters["default"].adapters[0]
+
+    def reference() -> torch.Tensor:  # the adapted function computed from scratch
+        with torch.no_grad():
+            h = torch.relu(net[0].forward(x) + lora.scale * x @ lora.lora_A.T @ lora.lora_B.T)
+            a1 = m.peft_adapters["default"].adapters[1]
+            h = torch.relu(net[2].forward(h) + a1.scale * h @ a1.lora_A.T @ a1.lora_B.T)
+            return net[4].forward(h)
+
+    with torch.no_grad():
+        first = m(x)
+        assert m(x) is not first and torch.equal(m(x), first)  # served from the cache
+        lora.lora_B.add_(1.0)  # an in-place change to an adapter
+        torch.testing.assert_close(m(x), reference())
+        net[0].weight.mul_(2.0)  # an in-place change to a base weight
+        torch.testing.assert_close(m(x), reference())
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m(x).sum().backward()
+    opt.step()  # a training step
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), reference())
+        m.cache_weights = False
+        torch.testing.assert_close(m(x), reference())

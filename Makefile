@@ -17,11 +17,11 @@ demo: setup
 	$(VENV)/bin/peftkit demo
 
 test: setup
-	$(PY) -m ruff check peftkit plugins tests examples
+	$(PY) -m ruff check peftkit plugins tests examples benchmarks
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check peftkit plugins tests examples
+	$(PY) -m ruff check peftkit plugins tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) peftkit-demo

@@ -350,7 +350,7 @@ def compile_row(smoke: bool) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(2)
-    build, inputs, _ = _vision("resnet18", True if smoke else False)
+    build, inputs, _ = _vision("resnet18", smoke)
     import peftkit
 
     m = peftkit.wrap(build(), "lora", r=8).eval()
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [_sub(["--worker", row, "--reps", str(reps), *smoke]) for _ in range(procs)]
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
-        def ratio(num: str, den: str) -> str:
+        def ratio(num: str, den: str, runs: list[dict[str, float]] = runs) -> str:
             vals = [r[num] / r[den] for r in runs if num in r and den in r]
             return f"{statistics.median(vals):.2f}" if vals else "-"
 

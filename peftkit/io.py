@@ -196,7 +196,8 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
                 tensors[k] = (list(sl.get_shape()), sl.get_dtype())
     except Exception as exc:
         raise AdapterFileError(f"{str(p)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    data_end = 8 + int.from_bytes(p.open("rb").read(8), "little")
+    with p.open("rb") as f:
+        data_end = 8 + int.from_bytes(f.read(8), "little")
     expected = data_end + sum(_numel(s) * _DTYPE_BYTES.get(d, 0) for s, d in tensors.values())
     if p.stat().st_size < expected:
         raise AdapterFileError(f"{str(p)!r} is truncated: {p.stat().st_size} bytes, its header describes {expected}")

@@ -21,7 +21,7 @@ from torch import nn
 from .errors import ConfigError
 from .progress import Progress
 
-__all__ = ["default_loss", "fisher_information", "fisher_mask", "select_top"]
+__all__ = ["candidate_names", "default_loss", "fisher_information", "fisher_mask", "select_top"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -105,7 +105,9 @@ def _loop_grads(model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tenso
                 totals[n] += g.detach().float().pow(2)
 
 
-def _candidates(model: nn.Module, candidates: Sequence[str] | Callable[[str, torch.Tensor], bool] | None) -> list[str]:
+def candidate_names(model: nn.Module, candidates: Sequence[str] | Callable[[str, torch.Tensor], bool] | None) -> list[str]:
+    """Floating-point parameter names selected by ``candidates`` (names, suffixes, full-match regexes,
+    or a callable ``(name, tensor) -> bool``); all of them when ``candidates`` is None."""
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
     if candidates is None:
         return names
@@ -150,7 +152,7 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     if not isinstance(samples, int) or samples < 1:
         raise ConfigError(f"samples={samples!r} is invalid; expected a positive count such as 256")
     loss_fn = loss_fn or default_loss
-    wanted = list(names) if names is not None else _candidates(model, None)
+    wanted = list(names) if names is not None else candidate_names(model, None)
     all_params = dict(model.named_parameters())
     params = {n: all_params[n].detach() for n in wanted}
     consts = {**{n: p.detach() for n, p in all_params.items() if n not in params}, **dict(model.named_buffers())}
@@ -253,7 +255,7 @@ def fisher_mask(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | None = 
     """
     if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ConfigError(f"keep={keep!r} is invalid; expected a fraction in (0, 1], e.g. 0.005")
-    names = _candidates(model, candidates)
+    names = candidate_names(model, candidates)
     total = sum(model.get_parameter(n).numel() for n in names) + trained_parameters
     k = round(keep * total) - trained_parameters
     if k < 1:

@@ -24,7 +24,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.fisher import _candidates, fisher_mask
+from peftkit.fisher import candidate_names, fisher_mask
 from peftkit.method import SparseDelta
 
 _RUNTIME = {"runtime": True}
@@ -135,7 +135,7 @@ class Fish(peftkit.Method):
                               "estimate the Fisher information from")
         # modules trained whole (or replaced by a new head) are not candidates; their parameters
         # count inside the budget, as in the reference implementation
-        names = set(_candidates(model, c.candidates))
+        names = set(candidate_names(model, c.candidates))
         owned = {n for n in names if any(n.startswith(t + ".") for t in trained if t)}
         self.mask = fisher_mask(model, c.data, c.loss_fn, keep=c.keep, samples=c.samples, fisher=c.fisher,
                                 scope=c.scope, candidates=lambda n, _: n in names and n not in owned,

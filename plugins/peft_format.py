@@ -69,15 +69,18 @@ class PeftFormat(Format):
         def put(key: str, t: torch.Tensor) -> None:
             tensors[PREFIX + key] = t.detach().to("cpu").contiguous().clone()
 
-        def pair(key: str, a: torch.Tensor, b: torch.Tensor, scale: float, where: str) -> None:
-            put(f"{key}.lora_A.weight", a)
-            put(f"{key}.lora_B.weight", b)
-            r = a.shape[0]
+        def note(where: str, r: int, scale: float) -> None:
+            # PEFT scales by lora_alpha / r: a layer whose rank or scale differs gets an exact-path entry
             if r != c.r:
                 ranks["^" + re.escape(where)] = r
             alpha = _alpha(scale, r, c.rslora)
             if not math.isclose(alpha, c.alpha, rel_tol=1e-9):
                 alphas["^" + re.escape(where)] = alpha
+
+        def pair(key: str, a: torch.Tensor, b: torch.Tensor, scale: float, where: str) -> None:
+            put(f"{key}.lora_A.weight", a)
+            put(f"{key}.lora_B.weight", b)
+            note(where, a.shape[0], scale)
 
         for path, a in mods.items():
             module = base.get_submodule(path)
@@ -102,12 +105,7 @@ class PeftFormat(Format):
             elif isinstance(a, EmbeddingLoRA):
                 put(f"{path}.lora_embedding_A", a.lora_A)
                 put(f"{path}.lora_embedding_B", a.lora_B)
-                r = a.lora_A.shape[0]
-                if r != c.r:
-                    ranks["^" + re.escape(path)] = r
-                alpha = _alpha(a.scale, r, c.rslora)
-                if not math.isclose(alpha, c.alpha, rel_tol=1e-9):
-                    alphas["^" + re.escape(path)] = alpha
+                note(path, a.lora_A.shape[0], a.scale)
             elif isinstance(a, ConvLoRA):
                 if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
                     raise ConfigError(f"{path!r}: PEFT's conv LoRA ignores dilation and padding_mode, so it would "

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 RUN = Path(__file__).parents[2] / "benchmarks" / "run.py"
+
+
+def _harness() -> Any:
+    spec = importlib.util.spec_from_file_location("peftkit_benchmarks_run", RUN)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -23,3 +32,4 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert results["compile"]["torch.compile same outputs"] is True
     assert results["scale"]["tiny peftkit wrap s"] > 0
     assert "| MiniLM q,v |" in (tmp_path / "RESULTS.md").read_text()
+    assert _harness().memory("MiniLM q,v", "peftkit", smoke=True) > 0  # the memory probe, once, in-process

@@ -238,7 +238,8 @@ def io_row(smoke: bool) -> dict[str, float]:
     peft_cfg = {k: v for k, v in peft_cfg.items() if k != "modules_to_save"}  # type: ignore[union-attr]
     build, inputs, _ = factory()
     tmp = Path(tempfile.mkdtemp())
-    out: dict[str, list[float]] = {k: [] for k in ("peftkit load", "peft load", "peftkit hot swap", "peft hot swap")}
+    out: dict[str, list[float]] = {k: [] for k in ("peftkit load", "peft load", "peftkit hot swap", "peft hot swap",
+                                                   "peftkit load_adapter+set_adapter")}
     ours = _peftkit(build, kw)
     for p in ours.peft_adapters.parameters():
         p.data.normal_(0, 0.02)
@@ -267,11 +268,14 @@ def io_row(smoke: bool) -> dict[str, float]:
         peft.PeftModel.from_pretrained(fresh_b, str(tmp / "pa"))
         out["peft load"].append(time.perf_counter() - t)
         t = time.perf_counter()
+        swap_ours.hotswap(tmp / ("b.safetensors" if i % 2 == 0 else "a.safetensors"))
+        out["peftkit hot swap"].append(time.perf_counter() - t)
+        t = time.perf_counter()  # swapping by adding a new adapter instead (any recipe, not only the same one)
         name = f"s{i}"
         swap_ours.load_adapter(tmp / ("b.safetensors" if i % 2 == 0 else "a.safetensors"), name=name)
         swap_ours.set_adapter(name)
         swap_ours.delete_adapter(swap_ours.adapter_names[0])
-        out["peftkit hot swap"].append(time.perf_counter() - t)
+        out["peftkit load_adapter+set_adapter"].append(time.perf_counter() - t)
         t = time.perf_counter()
         hotswap_adapter(swap_theirs, str(tmp / ("pb" if i % 2 == 0 else "pa")), adapter_name="default")
         out["peft hot swap"].append(time.perf_counter() - t)

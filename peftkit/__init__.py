@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errors
+from . import distributed, errors
 from .fisher import fisher_information, fisher_mask
 from .formats import Format, export, import_adapter
 from .heads import multitask_loss, pinball_loss
@@ -52,6 +52,7 @@ __all__ = [
     "Method",
     "MethodInfo",
     "anchored_loss",
+    "distributed",
     "errors",
     "export",
     "export_peft",

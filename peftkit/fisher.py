@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .errors import ConfigError
 from .progress import Progress
 
@@ -128,7 +129,8 @@ def candidate_names(model: nn.Module, candidates: Sequence[str] | Callable[[str,
 
 def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | None = None, *, samples: int = 256,
                        fisher: str = "empirical", names: Sequence[str] | None = None, vectorize: bool = True,
-                       memory: int = 1 << 30, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+                       memory: int = 1 << 30, seed: int = 0, progress: bool = True,
+                       distributed: bool = True) -> dict[str, torch.Tensor]:
     """The diagonal Fisher information of ``model``'s parameters, averaged over ``samples`` samples.
 
     Args:
@@ -142,7 +144,10 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
         vectorize: Per-sample gradients with ``torch.func.vmap`` (else one backward per sample).
         memory: Bytes of per-sample gradients held at once (sets the chunk size).
         seed: Seed of the label sampling for the expected Fisher.
-        progress: Show a progress line on stderr.
+        progress: Show a progress line on stderr (on rank 0 only, when distributed).
+        distributed: Under ``torch.distributed``, sum the statistics over the ranks of the default
+            process group (each rank passes its own part of the data and uses up to ``samples`` of
+            it), so every rank gets the same Fisher information and selects the same mask.
 
     Returns:
         ``{name: tensor shaped like the parameter}`` (float32).
@@ -162,7 +167,7 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     gen = torch.Generator().manual_seed(seed)
     flags = {n: all_params[n].requires_grad for n in params}
     was_training = model.training
-    bar = Progress(samples, "Fisher information", progress, unit="samples")
+    bar = Progress(samples, "Fisher information", progress and dist.rank() == 0, unit="samples")
     seen = 0
     model.eval()
     try:
@@ -197,6 +202,10 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
         for n, flag in flags.items():
             all_params[n].requires_grad_(flag)
         bar.close()
+    if distributed and dist.world_size() > 1:
+        count = torch.tensor([float(seen)], dtype=torch.float64, device=next(iter(totals.values())).device)
+        dist.all_reduce_sum([count, *totals.values()])
+        seen = int(count.item())
     if seen == 0:
         raise ConfigError("data yielded no samples for the Fisher information")
     return {n: t / seen for n, t in totals.items()}

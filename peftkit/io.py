@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from . import distributed
 from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
 from .model import AdaptedModel, AdapterSet, Prepared, build
 from .plugins import get_method
 from .targets import nearest_names
 
-__all__ = ["FORMAT_VERSION", "AdapterHeader", "load", "read_header", "save"]
+__all__ = ["FORMAT_VERSION", "AdapterHeader", "hotswap", "load", "read_header", "save"]
 
 FORMAT_VERSION = "1"
 _KEYS = ("peftkit.format", "peftkit.method", "peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")
@@ -46,7 +46,7 @@ def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
 
     def add(path: str, role: str, spec: dict[str, Any]) -> None:
         m = model.get_submodule(path)
-        out[path] = {"class": type(m).__name__, "role": role,
+        out[path] = {"class": distributed.original_class(m).__name__, "role": role,
                      "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
         if spec:
             out[path]["spec"] = spec
@@ -61,35 +61,47 @@ def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
 
 
 def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[str, str | None]:
-    """Hash of the touched base tensors' names, shapes and dtypes (and values when asked)."""
+    """Hash of the touched base tensors' names, shapes and dtypes (and values when asked; sharded
+    tensors are gathered for that, so under FSDP2 every rank must call it)."""
     layout = hashlib.sha256()
     content = hashlib.sha256() if with_values else None
     for p in sorted(paths):
         for k, t in sorted(_module_tensors(model.get_submodule(p)).items()):
             layout.update(f"{p}.{k}|{list(t.shape)}|{t.dtype}\n".encode())
             if content is not None:
-                content.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+                whole = distributed.full_tensor(t.detach())
+                content.update(whole.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
     return {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
 
 
-def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> Path:
+def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None, *,
+         writer: int | None = 0) -> Path:
     """Write one adapter's tensors and metadata to ``path`` (atomically: temp file + rename).
 
+    Under ``torch.distributed`` only rank ``writer`` writes. On a model sharded with FSDP2 every rank
+    must call ``save``: the full adapter tensors are gathered (a collective), rank ``writer``
+    writes the same bytes a single process would, and all ranks wait for the file before
+    returning. Unsharded models (DDP) need no collective, so calling it on rank 0 alone is fine.
+
     Args:
-        model: The adapted model.
+        model: The adapted model (a DistributedDataParallel wrapper around one is fine).
         path: Destination ``.safetensors`` file.
         adapter: Which adapter; default: the only adapter, or the only active one.
+        writer: The rank that writes when distributed; None: every rank that calls it writes.
 
     Returns:
-        The path written.
+        The path written (or that rank ``writer`` wrote).
     """
+    model = distributed.unwrap_parallel(model)
     adapter = _pick_adapter(model, adapter)
     rec = model._record(adapter)
     if adapter in model._state.merged:
         raise ConfigError(f"adapter {adapter!r} is merged; unmerge() before saving so the file holds its own tensors")
     base = model.base_model
     mods = rec.modules
-    tensors = {k: t.detach().contiguous().cpu() for k, t in mods.file_tensors().items()}
+    held = mods.file_tensors()
+    sharded = any(distributed.is_dtensor(t) for t in held.values()) or distributed.is_sharded(base)
+    tensors = {k: distributed.full_tensor(t.detach()).contiguous().cpu() for k, t in held.items()}
     described = describe_targets(base, mods)
     meta = {
         "peftkit.format": FORMAT_VERSION,
@@ -103,19 +115,49 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         "peftkit.version": _version(),
     }
     dest = Path(path)
+    if writer is None or distributed.rank() == writer:
+        _write(dest, tensors, meta)
+    if sharded and distributed.world_size() > 1:
+        torch.distributed.barrier()  # the file exists on every rank's return
+    return dest
+
+
+def _write(dest: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
     try:
-        save_file(_unshare(tensors), tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as f:
+            _serialize(tensors, meta, f)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return dest
+
+
+def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str], f: Any) -> None:
+    """Write the safetensors format with every key sorted, so equal contents give equal bytes in any
+    process (``safetensors.save_file`` orders metadata by a per-process hash seed). Tensors are laid
+    out widest dtype first, which keeps each one aligned to its element size."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _st_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for k in order:
+        t = tensors[k].detach().contiguous().cpu()
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
+    model = distributed.unwrap_parallel(model)
     if not isinstance(model, AdaptedModel):
         raise ConfigError(f"expected an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
     if adapter is None:
@@ -125,17 +167,6 @@ def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
         adapter = names[0]
     model._record(adapter)
     return adapter
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors sharing storage (e.g. views); give each its own.
-    seen: set[int] = set()
-    out = {}
-    for k, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen and t.numel() else t
-        seen.add(ptr)
-    return out
 
 
 def _version() -> str:
@@ -224,8 +255,9 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
         if m is None:
             problems.append(f"module {path!r} is missing (nearest: {', '.join(nearest_names(model, path, 3))})")
             continue
-        if type(m).__name__ != want["class"]:
-            problems.append(f"{path!r} is a {type(m).__name__}, the file expects a {want['class']}")
+        have_class = distributed.original_class(m).__name__
+        if have_class != want["class"]:
+            problems.append(f"{path!r} is a {have_class}, the file expects a {want['class']}")
             continue
         have = {k: list(t.shape) for k, t in _module_tensors(m).items()}
         if have != want["shapes"]:
@@ -278,24 +310,101 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
     except (KeyError, TypeError) as exc:
         raise AdapterFileError(f"{str(header.path)!r} has incomplete target specs: {exc}") from exc
     expected = prepared.modules.file_tensors()
+    values = _read_tensors(header, expected)
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(values[k])
+    # the hot swap of another file into this adapter compares against these (already checked here)
+    prepared.cache = {"targets": header.targets,
+                      "backbone+values" if header.backbone.get("values") is not None else "backbone": header.backbone}
+    return header, prepared
+
+
+def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> str:
+    """Replace an existing adapter's tensors by a compatible file's, in place (a hot swap).
+
+    Nothing is rebuilt or re-attached: the same modules and parameters (so an optimizer, a
+    ``torch.compile`` graph or FSDP2 groups built on them stay valid) take the file's values. The
+    file must hold the same method with the same options on the same targets: for example another
+    task's adapter trained with the same recipe. On an FSDP2-sharded model every rank reads the file
+    and keeps its own shard (no communication); under DDP, swap on every rank.
+
+    Args:
+        model: The adapted model (a DistributedDataParallel wrapper around one is fine).
+        path: The ``.safetensors`` adapter file.
+        adapter: The adapter to overwrite; default: the only adapter, or the only active one.
+
+    Returns:
+        The name of the adapter swapped.
+
+    Raises:
+        AdapterFileError: the file does not fit this adapter (another method, other options, other
+            targets or tensor shapes); use :meth:`AdaptedModel.load_adapter` for those.
+        BackboneMismatchError: the file was made for other base weights.
+        ConfigError: the adapter is merged.
+    """
+    model = distributed.unwrap_parallel(model)
+    name = _pick_adapter(model, adapter)
+    rec = model._record(name)
+    if name in model._state.merged:
+        raise ConfigError(f"adapter {name!r} is merged; unmerge() before hot swapping its weights")
+    header = read_header(path)
+    where = repr(str(header.path))
+    if header.method != rec.method.name:
+        raise AdapterFileError(f"{where} holds a {header.method!r} adapter and {name!r} is {rec.method.name!r}; "
+                               "load it as a new adapter with load_adapter() instead")
+    mine = json.loads(rec.method.config_json())
+    if header.config != mine:
+        diff = [f"{k}: file {header.config.get(k)!r} vs {mine.get(k)!r}"
+                for k in sorted(set(mine) | set(header.config)) if mine.get(k) != header.config.get(k)]
+        raise AdapterFileError(f"{where} was trained with other options than adapter {name!r} ({'; '.join(diff[:4])}); "
+                               "hot swapping needs the same options. Load it with load_adapter() instead.")
+    base = model.base_model
+    cached = rec.cache
+    if "targets" not in cached:
+        cached["targets"] = describe_targets(base, rec.modules)
+    if header.targets != cached["targets"]:
+        diff = sorted(p for p in set(header.targets) | set(cached["targets"])
+                      if header.targets.get(p) != cached["targets"].get(p))
+        raise AdapterFileError(f"{where} adapts other modules, or the same ones with other shapes, than adapter "
+                               f"{name!r} (first differences: {diff[:3]}); load it with load_adapter() instead")
+    with_values = header.backbone.get("values") is not None
+    key = "backbone+values" if with_values else "backbone"
+    if key not in cached:
+        cached[key] = fingerprint(base, list(cached["targets"]), with_values)
+    if cached[key] != header.backbone:
+        raise BackboneMismatchError(f"{where} was made for other base weights (or dtypes) than this model's; "
+                                    "load it onto the backbone it was trained on")
+    expected = rec.modules.file_tensors()
+    values = _read_tensors(header, expected)
+    with torch.no_grad():
+        for k, dst in expected.items():
+            if distributed.is_dtensor(dst):
+                dst.to_local().copy_(distributed.local_part(values[k], dst))
+            else:
+                dst.copy_(values[k])
+    model._refresh()
+    return name
+
+
+def _read_tensors(header: AdapterHeader, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors, checked against the keys, shapes and dtypes ``expected`` (global shapes for
+    sharded tensors)."""
+    where = repr(str(header.path))
     missing = sorted(set(expected) - set(header.tensors))
     unexpected = sorted(set(header.tensors) - set(expected))
     if missing or unexpected:
-        raise AdapterFileError(f"{str(header.path)!r} does not match its own metadata: missing tensors "
+        raise AdapterFileError(f"{where} does not match its own metadata: missing tensors "
                                f"{missing[:5]}, unexpected {unexpected[:5]}")
     wrong = [f"{k}: file {header.tensors[k][0]} {header.tensors[k][1]} vs expected {list(t.shape)} {_st_dtype(t.dtype)}"
              for k, t in expected.items() if header.tensors[k] != (list(t.shape), _st_dtype(t.dtype))]
     if wrong:
-        raise AdapterFileError(f"{str(header.path)!r} has tensors of the wrong shape or dtype: {'; '.join(wrong[:5])}")
+        raise AdapterFileError(f"{where} has tensors of the wrong shape or dtype: {'; '.join(wrong[:5])}")
     try:
         with safe_open(str(header.path), framework="pt") as f:
-            values = {k: f.get_tensor(k) for k in expected}
+            return {k: f.get_tensor(k) for k in expected}
     except Exception as exc:
-        raise AdapterFileError(f"{str(header.path)!r} could not be read (corrupt data?): {exc}") from exc
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(values[k])
-    return header, prepared
+        raise AdapterFileError(f"{where} could not be read (corrupt data?): {exc}") from exc
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -332,6 +441,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
 
         if find_format(path) is not None:  # another format (e.g. a PEFT directory)
             return import_adapter(model, path, name=name or "default")
+    model = distributed.unwrap_parallel(model)
     if isinstance(model, AdaptedModel):
         model.load_adapter(path, name=name)
         return model

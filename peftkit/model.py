@@ -71,6 +71,7 @@ class Prepared:
     method: Method
     info: MethodInfo
     modules: AdapterSet
+    cache: dict[str, Any] = field(default_factory=dict)  # facts already checked (from a file's header)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class _Record:
     merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
     merged_attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
     backups: list[tuple[torch.Tensor, torch.Tensor | SparseDelta]] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)  # what a hot swap compares against (io.hotswap)
 
 
 def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
@@ -268,6 +270,11 @@ class AdaptedModel(nn.Module):
         for slot in self._slots.values():
             slot.clear_cache()
             slot.cache = self.cache_weights
+        # DistributedDataParallel broadcasts every buffer when it starts; an adapter's integer
+        # buffers (FISH's int16 positions) are fixed and equal on every rank, and gloo cannot
+        # broadcast int16, so DDP is told to leave them alone.
+        self.__dict__["_ddp_params_and_buffers_to_ignore"] = [
+            f"peft_adapters.{n}" for n, b in self.peft_adapters.named_buffers() if not b.is_floating_point()]
 
     @property
     def cache_weights(self) -> bool:
@@ -334,8 +341,62 @@ class AdaptedModel(nn.Module):
         self.install(name, prepared)
         return name
 
+    def hotswap(self, path: str | os.PathLike[str], adapter: str | None = None) -> str:
+        """Overwrite an existing adapter's tensors with a compatible file's, in place (see
+        :func:`peftkit.io.hotswap`): fast, keeps optimizers and compiled graphs valid, and works on
+        FSDP2-sharded models (each rank keeps its shard).
+
+        Returns:
+            The name of the adapter swapped.
+        """
+        from .io import hotswap
+
+        return hotswap(self, path, adapter)
+
+    def reset_adapter(self, name: str | None = None) -> str:
+        """Initialise an adapter's tensors again, as :func:`wrap` did: the method's initialisation,
+        copies of the current ``train`` modules, fresh heads. The path for a model wrapped on the
+        ``meta`` device: after ``to_empty()`` and loading the base weights, its adapters hold no
+        values until reset (or loaded with :meth:`hotswap`). Works on sharded models.
+
+        Args:
+            name: The adapter; default: the only adapter, or the only active one.
+
+        Returns:
+            The adapter's name.
+
+        Raises:
+            ConfigError: the adapter is merged, or was loaded from a file (its method then lacks
+                what it was built from, such as FISH's mask; load the file again instead).
+        """
+        from . import distributed
+        from .io import _pick_adapter
+
+        name = _pick_adapter(self, name)
+        rec = self._record(name)
+        if name in self._state.merged:
+            raise ConfigError(f"adapter {name!r} is merged; unmerge() before resetting it")
+        base, mods = self.base_model, rec.modules
+        try:
+            built = build(base, rec.method, rec.info, mods.paths, mods.train_paths, fresh=mods.fresh,
+                          heads=(mods.heads_path, mods.heads.spec()["heads"]) if mods.heads is not None else None)
+        except (TargetError, AttributeError, KeyError) as exc:
+            raise ConfigError(f"adapter {name!r} cannot be initialised again ({exc}); if it came from a file, "
+                              "load the file again (hotswap or load_adapter)") from exc
+        new = built.modules.file_tensors()
+        with torch.no_grad():
+            for k, dst in mods.file_tensors().items():
+                src = distributed.full_tensor(new[k]).to(dst.dtype)
+                if distributed.is_dtensor(dst):
+                    dst.to_local().copy_(distributed.local_part(src, dst))
+                else:
+                    dst.copy_(src)
+        self._refresh()
+        return name
+
     def install(self, name: str, prepared: Prepared) -> None:
         """Attach a prepared adapter under ``name`` (used by add_adapter and by loading)."""
+        self._check_unsharded("add an adapter")
         self._check_new_name(name)
         base = self.base_model
         mods = prepared.modules
@@ -357,7 +418,7 @@ class AdaptedModel(nn.Module):
                 self._unchecked.add(host)
             self._slots[host].entries.append(entry)
         self.peft_adapters[name] = mods
-        self._records[name] = _Record(prepared.method, prepared.info, mods)
+        self._records[name] = _Record(prepared.method, prepared.info, mods, cache=dict(prepared.cache))
         for p in mods.parameters():
             p.requires_grad_(False)
         # A transform-only adapter on a module whose ancestor also reads its weights directly (as
@@ -385,6 +446,7 @@ class AdaptedModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (unmerging it first if merged) and its hooks."""
         self._check_attached()
+        self._check_unsharded("delete an adapter")
         self._record(name)
         if name in self._state.merged:
             self._unmerge([name])
@@ -447,6 +509,7 @@ class AdaptedModel(nn.Module):
 
     def _merge(self, keep_originals: bool) -> None:
         self._check_attached()
+        self._check_unsharded("merge")
         names = [n for n in self._state.active if n not in self._state.merged]
         if not names or self._state.disabled:
             return
@@ -554,6 +617,11 @@ class AdaptedModel(nn.Module):
             m.training = self._orig_training.get(n, m.training)
         self._detached = True
         return base
+
+    def _check_unsharded(self, what: str) -> None:
+        if self.__dict__.get("_sharded"):
+            raise ConfigError(f"cannot {what} on a model sharded with peftkit.distributed.shard(): add, load and delete "
+                              "adapters before sharding; to swap an adapter's weights on a sharded model use hotswap()")
 
     def _check_attached(self) -> None:
         if self.__dict__.get("_detached"):

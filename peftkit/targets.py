@@ -209,12 +209,24 @@ def _forward_source(cls: type) -> str:
 def reads_directly(ancestor: nn.Module, rel: str) -> bool:
     """Whether ``ancestor``'s code reads the tensors of its submodule ``rel`` itself (e.g.
     ``F.linear(x, self.qkv.weight)``) instead of (only) calling that submodule."""
-    return re.search(rf"self\.{re.escape(rel)}\.[A-Za-z_]\w*(?!\w|\s*\()", _forward_source(type(ancestor))) is not None
+    return _source_reads(type(ancestor), rel)
 
 
 def calls_forward(ancestor: nn.Module, rel: str) -> bool:
     """Whether ``ancestor``'s code calls its submodule ``rel`` (so its hooks run)."""
-    return re.search(rf"self\.{re.escape(rel)}\s*\(", _forward_source(type(ancestor))) is not None
+    return _source_calls(type(ancestor), rel)
+
+
+# Per (class, child path): a model repeats a few block classes many times, and loading an adapter
+# asks the same questions for every block.
+@functools.cache
+def _source_reads(cls: type, rel: str) -> bool:
+    return re.search(rf"self\.{re.escape(rel)}\.[A-Za-z_]\w*(?!\w|\s*\()", _forward_source(cls)) is not None
+
+
+@functools.cache
+def _source_calls(cls: type, rel: str) -> bool:
+    return re.search(rf"self\.{re.escape(rel)}\s*\(", _forward_source(cls)) is not None
 
 
 def host_of(model: nn.Module, path: str) -> tuple[str, str]:

@@ -143,3 +143,92 @@ def test_file_is_small_and_holds_no_backbone(tmp_path: Path) -> None:
     tensors = load_file(str(path))
     assert set(tensors) == {"0.lora_A", "0.lora_B"}
     assert path.stat().st_size < 4 * (2 * 4 * 256) + 4096
+
+
+def test_files_are_deterministic_and_standard_safetensors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "lora", r=2, init=False, train=["fc"])
+    a = peftkit.save(m, tmp_path / "a.safetensors")
+    b = peftkit.save(peftkit.load(TinyCNN(), a), tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()  # sorted keys: equal contents, equal bytes
+    with safe_open(str(a), "pt") as f:  # the reference reader takes it
+        keys = set(f.keys())
+        assert f.metadata()["peftkit.method"] == "lora"
+    assert keys == set(m.peft_adapters["default"].file_tensors())
+    for k, t in load_file(str(a)).items():
+        assert torch.equal(t, m.peft_adapters["default"].file_tensors()[k]), k
+
+
+def _trained(model: nn.Module, seed: int, **options: object) -> peftkit.AdaptedModel:
+    m = peftkit.wrap(model, "lora", r=2, train=["fc"], **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_hotswap_equals_loading_and_keeps_the_same_parameters(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    other = peftkit.save(_trained(TinyCNN(), 1), tmp_path / "other.safetensors")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = peftkit.load(TinyCNN(), other).eval()(x)
+    torch.manual_seed(0)
+    m = _trained(TinyCNN(), 2).eval()
+    params = list(m.parameters())
+    opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.1)
+    with torch.no_grad():
+        before = m(x)  # fills the folded-weight cache, which the swap must drop
+    assert m.hotswap(other) == "default"
+    assert all(a is b for a, b in zip(params, m.parameters(), strict=True))
+    with torch.no_grad():
+        got = m(x)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, before)
+    m.train()
+    m(x).sum().backward()
+    opt.step()  # the optimizer built before the swap still drives the same parameters
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"r": 3}, "other options"),
+    ({"alpha": 4}, "other options"),
+    ({"targets": ["conv1"]}, "adapts other modules"),
+])
+def test_hotswap_refuses_other_recipes(tmp_path: Path, options: dict, match: str) -> None:
+    torch.manual_seed(0)
+    kw = {"r": 2, "train": ["fc"], **options}
+    other = peftkit.save(peftkit.wrap(TinyCNN(), "lora", **kw), tmp_path / "o.safetensors")
+    torch.manual_seed(0)
+    m = _trained(TinyCNN(), 2)
+    before = snapshot(m)
+    with pytest.raises(AdapterFileError, match=match):
+        m.hotswap(other)
+    assert_bitwise_equal(snapshot(m), before)
+
+
+def test_hotswap_refuses_another_method_and_merged_adapters(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    other = peftkit.save(peftkit.wrap(TinyCNN(), "parallel_adapter"), tmp_path / "p.safetensors")
+    m = _trained(TinyCNN(), 2)
+    with pytest.raises(AdapterFileError, match="load_adapter"):
+        m.hotswap(other)
+    same = peftkit.save(m, tmp_path / "same.safetensors")
+    m.merge()
+    with pytest.raises(peftkit.errors.ConfigError, match="unmerge"):
+        m.hotswap(same)
+
+
+def test_hotswap_fish_checks_the_base_values(tmp_path: Path) -> None:
+    mask = {"conv1.weight": torch.tensor([0, 5, 9]), "fc.bias": torch.tensor([1])}
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "fish", mask=mask)
+    same = peftkit.save(m, tmp_path / "same.safetensors")
+    torch.manual_seed(1)  # the same architecture and mask, other base weights
+    other = peftkit.save(peftkit.wrap(TinyCNN(), "fish", mask=mask), tmp_path / "other.safetensors")
+    assert m.hotswap(same) == "default"
+    with pytest.raises(BackboneMismatchError, match="other base weights"):
+        m.hotswap(other)

@@ -1,0 +1,206 @@
+"""Data-parallel training of adapted models: DistributedDataParallel, FSDP2, and what I/O needs.
+
+DDP needs nothing from peftkit: ``DistributedDataParallel(peftkit.wrap(...))`` all-reduces only
+the trainable (adapter) gradients, because the frozen backbone never gets any. FSDP2 needs one
+call, :func:`shard`: peftkit's adapters live beside the backbone (in ``peft_adapters``), not inside
+the blocks they adapt, so a plain per-block ``fully_shard`` would leave them in the root group,
+gathered for the whole forward and reduced in one late collective. :func:`shard` puts each
+adapter into the FSDP2 group of the block that runs it.
+
+:func:`peftkit.save` and :func:`peftkit.load` understand both: under FSDP2 every rank calls
+``save``, full adapter tensors are gathered and rank 0 alone writes (the same bytes a
+single-process run writes); :meth:`AdaptedModel.hotswap` on a sharded model gives every rank its
+shard of the file's tensors. The Fisher information of FISH is summed over ranks, so every rank
+selects the same mask.
+
+Example (launch with ``torchrun --nproc_per_node 2 train.py``)::
+
+    dist.init_process_group("gloo")            # "nccl" on GPUs; nothing else changes
+    m = peftkit.wrap(model, "lora", r=8)
+    peftkit.distributed.shard(m)                # or DistributedDataParallel(m)
+    ...train...
+    peftkit.save(m, "task.safetensors")         # every rank calls it; rank 0 writes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MergeError
+from .targets import Selection, find_blocks, is_under, select_modules
+
+__all__ = ["is_sharded", "rank", "shard", "world_size"]
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 when not distributed)."""
+    return torch.distributed.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default process group (1 when not distributed)."""
+    return torch.distributed.get_world_size() if _initialized() else 1
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (e.g. an FSDP2-sharded parameter)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank for a DTensor (a collective call), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` laid out as the DTensor ``like`` (sliced locally: every rank holds
+    ``full``, so nothing is communicated); ``full`` itself when ``like`` is a plain tensor."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    placed = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return placed.to_local()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (sharded with FSDP2 or tensor parallelism)."""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def unwrap_parallel(model: Any) -> Any:
+    """The module inside a ``DistributedDataParallel`` (or DataParallel) wrapper; else ``model``."""
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, parallel) else model
+
+
+def original_class(module: nn.Module) -> type:
+    """A module's own class, not the subclass ``fully_shard`` swaps in (``FSDPLinear`` -> ``Linear``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+class _GroupMember(nn.Module):
+    """The adapter modules that act inside one block, grouped with it for FSDP2.
+
+    Adapters are applied by hooks inside the block's forward, never called themselves; FSDP2
+    finishes a group (reshards it, registers its backward hooks) once every module of the group
+    has run, so the block calls this member once per forward (a no-op) to mark it as run.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(modules)
+
+    def forward(self) -> None:
+        return None
+
+
+def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, reshard_after_forward: bool = True,
+          **fsdp_options: Any) -> nn.Module:
+    """Shard an adapted model with FSDP2 (``torch.distributed.fsdp.fully_shard``), block by block.
+
+    Each block becomes one FSDP2 group together with the adapters (and ``train`` copies) acting
+    inside it, so an adapter is gathered with its block, and its gradients are reduce-scattered
+    with its block's. Frozen backbone parameters get no gradients, so only adapter gradients are
+    communicated in the backward pass. Everything else (embeddings, heads, adapters outside any
+    block) forms the root group. The model is sharded in place, like ``fully_shard`` does.
+
+    Call it after adding (or loading) every adapter and choosing the active ones, and build the
+    optimizer afterwards, from ``model.parameters()`` (they are DTensors now). Folded-weight caching
+    for inference is turned off (it would hold whole unsharded weights).
+
+    Args:
+        model: An :class:`~peftkit.AdaptedModel`, on the device the mesh uses.
+        blocks: The modules of the backbone to shard one by one (names, suffixes, a regex, types or a
+            callable, as for ``targets``); default: the blocks of its main stage (BERT's
+            ``encoder.layer.*``, ViT's ``encoder.layers.*``, ResNet's stages).
+        mesh: The device mesh (default: every rank of the default process group).
+        reshard_after_forward: Free gathered block parameters after the forward (less memory, one
+            more all-gather in the backward).
+        **fsdp_options: Passed to ``fully_shard`` (``mp_policy``, ``offload_policy``, ...).
+
+    Returns:
+        ``model``, now sharded.
+
+    Raises:
+        ConfigError: not an AdaptedModel, already sharded, no process group, or bad ``blocks``.
+        MergeError: an adapter is merged (the backbone should be sharded unmodified).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .model import AdaptedModel, _host
+
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"shard() takes an AdaptedModel (from peftkit.wrap or peftkit.load), got {type(model).__name__}")
+    if model.__dict__.get("_sharded"):
+        raise ConfigError("this model is already sharded")
+    if mesh is None and not _initialized():
+        raise ConfigError("shard() needs torch.distributed initialised: run under torchrun and call "
+                          "torch.distributed.init_process_group() first (or pass mesh=)")
+    if model.merged:
+        raise MergeError("unmerge() before sharding: the backbone is sharded as it was given to wrap()")
+    base = model.base_model
+    paths = select_modules(base, blocks, what="blocks") if blocks is not None else find_blocks(base)
+    paths = [p for p in paths if p and any(True for _ in base.get_submodule(p).parameters())]
+    if not paths:
+        raise ConfigError(f"no block with parameters to shard in {type(base).__name__}; pass blocks=[...]")
+    # FSDP2 wants inner groups first; an adapter belongs to the innermost block around the module
+    # whose forward applies it (its host).
+    paths.sort(key=lambda p: p.count("."), reverse=True)
+    owned: dict[str, list[nn.Module]] = {p: [] for p in paths}
+    for rec in model._records.values():
+        mods = rec.modules
+        acting = [(_host(base, p, a)[0], a) for p, a in mods.items()] + list(mods.train_items())
+        if mods.heads is not None:
+            acting.append((mods.heads_path, mods.heads))
+        for where, module in acting:
+            block = next((b for b in paths if is_under(where, [b])), None)
+            if block is not None:
+                owned[block].append(module)
+    grouped: set[nn.Parameter] = set()
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **fsdp_options}
+    for p in paths:
+        block = base.get_submodule(p)
+        if not owned[p]:
+            fully_shard(block, **options)
+            continue
+        member = _GroupMember(owned[p])
+        fully_shard([block, member], **options)
+        block.register_forward_pre_hook(lambda _m, _a, member=member: member())
+        grouped.update(member.parameters())
+        model.__dict__.setdefault("_group_members", []).append(member)
+    # the root's parameters are needed again as soon as the backward starts: keep them gathered
+    fully_shard(model, ignored_params=grouped, **{**options, "reshard_after_forward": False})
+    model.__dict__["_sharded"] = True
+    model.cache_weights = False
+    return model
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor in place over the default process group (no-op when not distributed). Every
+    rank must call it with the same tensors, in the same order."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t)

@@ -1,0 +1,193 @@
+"""DDP and FSDP2 with 2 CPU processes (torchrun, gloo) against one process, plus the single-process
+parts of ``peftkit.distributed``: meta-device models, DDP-readiness, errors.
+
+The 2-process runs live in ``distributed_worker.py``; one torchrun launch runs every scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+import peftkit.distributed as pdist
+from peftkit.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The single-process reference (in this process) and one torchrun launch of every 2-process run."""
+    ref = tmp_path_factory.mktemp("single")
+    out = tmp_path_factory.mktemp("two")
+    facts = {m: worker.train(m, "single", ref) for m in ("lora", "fish")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "distributed_worker.py"), str(out), str(ref)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    reports = [json.loads((out / f"report-{r}.json").read_text()) for r in range(2)]
+    return {"ref": ref, "out": out, "single": facts, "reports": reports}
+
+
+@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(runs: dict[str, Any], method: str, mode: str) -> None:
+    ref = torch.load(runs["ref"] / f"{method}-single.pt")
+    got = torch.load(runs["out"] / f"{method}-{mode}.pt")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        if ref[k].is_floating_point():
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+        else:  # FISH positions: every rank selected the same mask as the single process
+            assert torch.equal(got[k], ref[k]), k
+    trained = [k for k in ref if k.endswith(("_delta", "lora_B"))]
+    assert any(ref[k].abs().sum() > 0 for k in trained), "the adapters did not train at all"
+
+
+@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_saved_file_is_what_one_process_writes(runs: dict[str, Any], method: str, mode: str, tmp_path: Path) -> None:
+    file = runs["out"] / f"{method}-{mode}.safetensors"
+    single = peftkit.read_header(runs["ref"] / f"{method}-single.safetensors")
+    header = peftkit.read_header(file)
+    assert header.metadata == single.metadata  # same targets, shapes, fingerprint (with values for FISH)
+    assert header.tensors == single.tensors
+    # the same weights saved by one process give the same bytes
+    again = peftkit.save(peftkit.load(worker.backbone(), file), tmp_path / "again.safetensors")
+    assert again.read_bytes() == file.read_bytes()
+
+
+def test_fsdp_groups_each_adapter_with_its_block(runs: dict[str, Any]) -> None:
+    groups = runs["reports"][0]["lora-fsdp"]["groups"]
+    for i in (0, 1):
+        names = groups[f"blocks.{i}"]
+        assert f"base_model.blocks.{i}.fc1.weight" in names
+        adapters = [n for n in names if n.startswith("peft_adapters.")]
+        assert len(adapters) == 4  # lora_A and lora_B of fc1 and fc2 of this block
+    assert not set(groups["blocks.0"]) & set(groups["blocks.1"])
+
+
+@pytest.mark.parametrize("method", ["lora", "fish"])
+def test_only_trainable_gradients_are_communicated(runs: dict[str, Any], method: str) -> None:
+    report = runs["reports"][0]
+    trainable = report[f"{method}-ddp"]["trainable"]
+    assert report[f"{method}-ddp"]["grad_bytes_per_step"] == 4 * trainable
+    # FSDP2 pads each gradient to a multiple of the world size before the reduce-scatter
+    fsdp = report[f"{method}-fsdp"]["grad_bytes_per_step"]
+    assert 4 * trainable <= fsdp <= 4 * (trainable + 2 * 16)
+    assert report["full-ddp"]["grad_bytes_per_step"] == 4 * sum(p.numel() for p in worker.backbone().parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "fish"])
+def test_loading_on_sharded_models(runs: dict[str, Any], method: str) -> None:
+    x, _ = worker.batch()
+    with torch.no_grad():
+        want = peftkit.load(worker.backbone(), runs["ref"] / f"{method}-single.safetensors")(x)
+    for rank, report in enumerate(runs["reports"]):
+        loading = report[f"{method}-loading"]
+        torch.testing.assert_close(torch.tensor(loading["loaded_then_sharded"]), want, msg=f"rank {rank}")
+        torch.testing.assert_close(torch.tensor(loading["hotswapped"]), want, msg=f"rank {rank}")
+    # each rank holds its own half (dim 0) of every sharded adapter tensor
+    full = torch.load(runs["ref"] / f"{method}-single.pt")
+    for rank, report in enumerate(runs["reports"]):
+        for key, (shape, head) in report[f"{method}-loading"]["shards"].items():
+            parts = full[key].chunk(2)  # FSDP2 shards dim 0 as torch.chunk does
+            part = parts[rank] if rank < len(parts) else full[key][:0]
+            assert list(part.shape) == shape, key
+            torch.testing.assert_close(torch.tensor(head), part.flatten()[:3].float(), msg=key)
+
+
+# -- single process ---------------------------------------------------------------------------------
+
+def test_shard_refuses_without_a_process_group() -> None:
+    m = peftkit.wrap(worker.backbone(), "lora", r=2, targets=["fc1"])
+    with pytest.raises(ConfigError, match="init_process_group"):
+        pdist.shard(m)
+    with pytest.raises(ConfigError, match="AdaptedModel"):
+        pdist.shard(worker.backbone())
+
+
+def test_ddp_skips_integer_adapter_buffers() -> None:
+    x, y = worker.batch()
+    m = peftkit.wrap(worker.backbone(), "fish", keep=0.1, data=[(x, y)], samples=16)
+    ignored = m._ddp_params_and_buffers_to_ignore
+    assert ignored and all(n.startswith("peft_adapters.") and n.endswith("_index") for n in ignored)
+    buffers = dict(m.named_buffers())
+    assert all(buffers[n].dtype == torch.int16 for n in ignored)
+
+
+def test_helpers_without_a_process_group() -> None:
+    assert (pdist.rank(), pdist.world_size()) == (0, 1)
+    t = torch.ones(3)
+    pdist.all_reduce_sum([t])
+    assert torch.equal(t, torch.ones(3))
+    m = peftkit.wrap(worker.backbone(), "lora", r=2, targets=["fc1"])
+    assert not pdist.is_sharded(m) and pdist.full_tensor(t) is t
+    assert pdist.original_class(m.base_model.inp) is nn.Linear
+    assert pdist.unwrap_parallel(nn.DataParallel(m)) is m
+
+
+def test_meta_device_wrap_materialises_nothing_then_loads(tmp_path: Path) -> None:
+    x, _ = worker.batch()
+    trained = peftkit.wrap(worker.backbone(), "lora", r=2, targets=["fc1", "fc2"], train=["head"])
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        want = trained(x)
+    file = peftkit.save(trained, tmp_path / "a.safetensors")
+    weights = worker.backbone().state_dict()
+
+    with torch.device("meta"):
+        big = worker.Net()
+    m = peftkit.wrap(big, "lora", r=2, targets=["fc1", "fc2"], train=["head"])
+    assert all(t.is_meta for t in m.parameters()) and all(t.is_meta for t in m.buffers())
+    m.to_empty(device="cpu")  # memory for the real weights, once
+    m.base_model.load_state_dict(weights)
+    name = m.load_adapter(file, name="task")
+    m.set_adapter(name)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want)
+    m.hotswap(file, adapter="default")  # the adapter wrapped on meta gets real values too
+    m.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want)
+
+
+def test_meta_device_wrap_then_reset_to_train_a_new_adapter() -> None:
+    x, _ = worker.batch()
+    plain = worker.backbone()
+    with torch.device("meta"):
+        m = peftkit.wrap(worker.Net(), "lora", r=2, targets=["fc1", "fc2"], train=["head"])
+    m.to_empty(device="cpu")
+    m.base_model.load_state_dict(plain.state_dict())
+    assert m.reset_adapter() == "default"
+    adapters = m.peft_adapters["default"]
+    assert all(torch.isfinite(t).all() for t in adapters.file_tensors().values())
+    torch.testing.assert_close(adapters.file_tensors()["head.weight"], plain.head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(x))  # LoRA starts as the identity
+    assert any(t.abs().sum() > 0 for k, t in adapters.file_tensors().items() if k.endswith("lora_A"))
+
+
+def test_reset_refuses_a_loaded_fish_adapter(tmp_path: Path) -> None:
+    x, y = worker.batch()
+    m = peftkit.wrap(worker.backbone(), "fish", keep=0.1, data=[(x, y)], samples=16)
+    assert m.reset_adapter() == "default"  # wrapped: the method still holds its mask
+    loaded = peftkit.load(worker.backbone(), peftkit.save(m, tmp_path / "f.safetensors"))
+    with pytest.raises(ConfigError, match="load the file again"):
+        loaded.reset_adapter()

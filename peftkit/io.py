@@ -383,7 +383,8 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
                 dst.to_local().copy_(distributed.local_part(values[k], dst))
             else:
                 dst.copy_(values[k])
-    model._refresh()
+    for slot in model._slots.values():  # the adapter set is unchanged: only folded weights go stale
+        slot.clear_cache()
     return name
 
 

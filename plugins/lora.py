@@ -86,6 +86,17 @@ def _init_pair(owner: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, .
             nn.init.zeros_(B)
 
 
+def _add_low_rank(output: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``output + scale * h @ B.T`` as one ``addmm``: the product, the scaling and the sum in one pass
+    over the full-size output, forward and backward (a separate product, ``*`` and ``+`` cost three;
+    measured in benchmarks/: about 10% of a MiniLM all-Linear training step)."""
+    if output.dtype != h.dtype or output.dtype != B.dtype:  # e.g. an fp32 adapter on a bf16 output
+        return output + scale * F.linear(h, B).to(output.dtype)
+    width = output.shape[-1]
+    out = torch.addmm(output.reshape(-1, width), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
+    return out.view(output.shape)
+
+
 class LowRank(nn.Module):
     """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
 
@@ -117,8 +128,8 @@ class LinearLoRA(peftkit.Adapter):
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        out = output + self.scale * h
+        xa = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        out = _add_low_rank(output, xa, self.lora_B, self.scale)
         return out + self.lora_bias if self.lora_bias is not None else out
 
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,7 +196,7 @@ class EmbeddingLoRA(peftkit.Adapter):
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         idx = args[0] if args else kwargs["input"]
         h = F.embedding(idx, self.lora_A.T, padding_idx=module.padding_idx)  # (..., r)
-        return output + self.scale * (h @ self.lora_B.T)  # (..., dim)
+        return _add_low_rank(output, h, self.lora_B, self.scale)  # (..., dim)
 
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": self.scale * (self.lora_B @ self.lora_A).T}  # (num, dim)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, MergeError
+from .errors import ConfigError, MergeError, PluginError
 from .targets import Selection, find_blocks, is_under, select_modules
 
 __all__ = ["is_sharded", "rank", "shard", "world_size"]
@@ -69,15 +69,16 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``full`` laid out as the DTensor ``like`` (sliced locally: every rank holds
-    ``full``, so nothing is communicated); ``full`` itself when ``like`` is a plain tensor."""
-    if not is_dtensor(like):
-        return full
+def assign(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor ``full`` into ``dst`` in place: for a DTensor (a sharded parameter), only
+    this rank's part, sliced locally (every rank holds ``full``, so nothing is communicated)."""
+    if not is_dtensor(dst):
+        dst.copy_(full)
+        return
     from torch.distributed.tensor import distribute_tensor
 
-    placed = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-    return placed.to_local()
+    placed = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.to_local().copy_(placed.to_local())
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -145,6 +146,7 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
 
     Raises:
         ConfigError: not an AdaptedModel, already sharded, no process group, or bad ``blocks``.
+        PluginError: an adapter holds a 0-dim parameter, which FSDP2 cannot shard.
         MergeError: an adapter is merged (the backbone should be sharded unmodified).
     """
     from torch.distributed.fsdp import fully_shard
@@ -155,6 +157,10 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
         raise ConfigError(f"shard() takes an AdaptedModel (from peftkit.wrap or peftkit.load), got {type(model).__name__}")
     if model.__dict__.get("_sharded"):
         raise ConfigError("this model is already sharded")
+    scalars = [n for n, p in model.peft_adapters.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise PluginError(f"FSDP2 cannot shard 0-dim parameters, and these adapter parameters are scalars: "
+                          f"{', '.join(scalars[:3])}. The method's plugin should hold them with shape (1,).")
     if mesh is None and not _initialized():
         raise ConfigError("shard() needs torch.distributed initialised: run under torchrun and call "
                           "torch.distributed.init_process_group() first (or pass mesh=)")
@@ -189,7 +195,6 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
         fully_shard([block, member], **options)
         block.register_forward_pre_hook(lambda _m, _a, member=member: member())
         grouped.update(member.parameters())
-        model.__dict__.setdefault("_group_members", []).append(member)
     # the root's parameters are needed again as soon as the backward starts: keep them gathered
     fully_shard(model, ignored_params=grouped, **{**options, "reshard_after_forward": False})
     model.__dict__["_sharded"] = True

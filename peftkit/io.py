@@ -379,12 +379,8 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
     values = _read_tensors(header, expected)
     with torch.no_grad():
         for k, dst in expected.items():
-            if distributed.is_dtensor(dst):
-                dst.to_local().copy_(distributed.local_part(values[k], dst))
-            else:
-                dst.copy_(values[k])
-    for slot in model._slots.values():  # the adapter set is unchanged: only folded weights go stale
-        slot.clear_cache()
+            distributed.assign(dst, values[k])
+    model._values_changed()
     return name
 
 

@@ -316,6 +316,7 @@ class AdaptedModel(nn.Module):
             **options: The method's own options, e.g. ``r=8`` for LoRA.
         """
         self._check_attached()
+        self._check_unsharded("add an adapter")
         self._check_new_name(name)
         self.install(name, prepare(self.base_model, method, targets=targets, exclude=exclude, train=train,
                                    head=head, heads=heads, example_input=example_input, **options))
@@ -335,6 +336,7 @@ class AdaptedModel(nn.Module):
         from .io import read_adapter, read_header
 
         self._check_attached()
+        self._check_unsharded("load an adapter")
         name = name or read_header(path).adapter
         self._check_new_name(name)
         _, prepared = read_adapter(self.base_model, path)
@@ -386,13 +388,14 @@ class AdaptedModel(nn.Module):
         new = built.modules.file_tensors()
         with torch.no_grad():
             for k, dst in mods.file_tensors().items():
-                src = distributed.full_tensor(new[k]).to(dst.dtype)
-                if distributed.is_dtensor(dst):
-                    dst.to_local().copy_(distributed.local_part(src, dst))
-                else:
-                    dst.copy_(src)
-        self._refresh()
+                distributed.assign(dst, distributed.full_tensor(new[k]))
+        self._values_changed()
         return name
+
+    def _values_changed(self) -> None:
+        """Adapter values were overwritten in place (the adapter set is the same): drop folded weights."""
+        for slot in self._slots.values():
+            slot.clear_cache()
 
     def install(self, name: str, prepared: Prepared) -> None:
         """Attach a prepared adapter under ``name`` (used by add_adapter and by loading)."""

@@ -109,7 +109,8 @@ class BottleneckAdapter(peftkit.Adapter):
             self.norm = nn.LayerNorm(d_in, **kw) if c.layer_norm else nn.Identity()
         self.act = ACTIVATIONS[c.activation]()
         self.dropout = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
-        self.learned_scale = nn.Parameter(torch.ones((), **kw)) if c.scale == "learned" else None
+        # shape (1,), not a scalar: FSDP2 shards parameters on dim 0 and refuses 0-dim ones
+        self.learned_scale = nn.Parameter(torch.ones(1, **kw)) if c.scale == "learned" else None
         self.fixed_scale = 1.0 if c.scale == "learned" else float(c.scale)
         self._foldable = (parallel and c.activation == "identity" and not c.layer_norm
                           and (isinstance(module, nn.Linear) or (self.spatial and module.groups == 1)))

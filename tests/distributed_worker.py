@@ -27,6 +27,7 @@ import peftkit.distributed as pdist
 
 STEPS = 5
 BATCH = 16
+METHODS = ("lora", "fish", "serial")
 
 
 class Block(nn.Module):
@@ -76,6 +77,9 @@ def wrap(method: str) -> peftkit.AdaptedModel:
     x, y = batch()
     if method == "lora":
         return peftkit.wrap(backbone(), "lora", r=2, targets=["fc1", "fc2"], train=["head"])
+    if method == "serial":  # a serial adapter beside a module trained whole inside a block
+        return peftkit.wrap(backbone(), "serial_adapter", bottleneck=3, scale="learned", targets=["fc2"],
+                            train=["blocks.1.fc1", "head"])
     return peftkit.wrap(backbone(), "fish", keep=0.1, data=[(local(x), local(y))], samples=BATCH, train=["head"])
 
 
@@ -195,7 +199,7 @@ def main(out: Path, ref: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     report: dict[str, Any] = {}
-    for method in ("lora", "fish"):
+    for method in METHODS:
         for mode in ("ddp", "fsdp"):
             report[f"{method}-{mode}"] = train(method, mode, out)
         report[f"{method}-loading"] = sharded_loading(method, ref)

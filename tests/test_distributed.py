@@ -33,7 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The single-process reference (in this process) and one torchrun launch of every 2-process run."""
     ref = tmp_path_factory.mktemp("single")
     out = tmp_path_factory.mktemp("two")
-    facts = {m: worker.train(m, "single", ref) for m in ("lora", "fish")}
+    facts = {m: worker.train(m, "single", ref) for m in worker.METHODS}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "distributed_worker.py"), str(out), str(ref)]
@@ -43,7 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"ref": ref, "out": out, "single": facts, "reports": reports}
 
 
-@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("method", worker.METHODS)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_train_like_one(runs: dict[str, Any], method: str, mode: str) -> None:
     ref = torch.load(runs["ref"] / f"{method}-single.pt")
@@ -54,11 +54,11 @@ def test_two_processes_train_like_one(runs: dict[str, Any], method: str, mode: s
             torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
         else:  # FISH positions: every rank selected the same mask as the single process
             assert torch.equal(got[k], ref[k]), k
-    trained = [k for k in ref if k.endswith(("_delta", "lora_B"))]
+    trained = [k for k in ref if k.endswith(("_delta", "lora_B", "up.weight"))]
     assert any(ref[k].abs().sum() > 0 for k in trained), "the adapters did not train at all"
 
 
-@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("method", worker.METHODS)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_saved_file_is_what_one_process_writes(runs: dict[str, Any], method: str, mode: str, tmp_path: Path) -> None:
     file = runs["out"] / f"{method}-{mode}.safetensors"
@@ -79,9 +79,13 @@ def test_fsdp_groups_each_adapter_with_its_block(runs: dict[str, Any]) -> None:
         adapters = [n for n in names if n.startswith("peft_adapters.")]
         assert len(adapters) == 4  # lora_A and lora_B of fc1 and fc2 of this block
     assert not set(groups["blocks.0"]) & set(groups["blocks.1"])
+    # a module trained whole inside a block (its copy) and the adapters there join that block's group
+    serial = runs["reports"][0]["serial-fsdp"]["groups"]["blocks.1"]
+    assert sum(n.startswith("peft_adapters.default.copies.") for n in serial) == 2  # fc1's weight and bias
+    assert any(n.startswith("peft_adapters.default.adapters.") for n in serial)
 
 
-@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("method", worker.METHODS)
 def test_only_trainable_gradients_are_communicated(runs: dict[str, Any], method: str) -> None:
     report = runs["reports"][0]
     trainable = report[f"{method}-ddp"]["trainable"]
@@ -92,7 +96,7 @@ def test_only_trainable_gradients_are_communicated(runs: dict[str, Any], method:
     assert report["full-ddp"]["grad_bytes_per_step"] == 4 * sum(p.numel() for p in worker.backbone().parameters())
 
 
-@pytest.mark.parametrize("method", ["lora", "fish"])
+@pytest.mark.parametrize("method", worker.METHODS)
 def test_loading_on_sharded_models(runs: dict[str, Any], method: str) -> None:
     x, _ = worker.batch()
     with torch.no_grad():
@@ -191,3 +195,22 @@ def test_reset_refuses_a_loaded_fish_adapter(tmp_path: Path) -> None:
     loaded = peftkit.load(worker.backbone(), peftkit.save(m, tmp_path / "f.safetensors"))
     with pytest.raises(ConfigError, match="load the file again"):
         loaded.reset_adapter()
+
+
+def test_sharded_models_refuse_changes_to_the_adapter_set(tmp_path: Path) -> None:
+    m = peftkit.wrap(worker.backbone(), "lora", r=2, targets=["fc1"])
+    file = peftkit.save(m, tmp_path / "a.safetensors")
+    m.__dict__["_sharded"] = True  # what shard() sets; the checks need no process group
+    for call in (lambda: m.add_adapter("b", "lora", r=2, targets=["fc1"]), lambda: m.load_adapter(file, name="b"),
+                 lambda: m.delete_adapter("default"), m.merge):
+        with pytest.raises(ConfigError, match="before sharding; to swap an adapter's weights on a sharded model use hotswap"):
+            call()
+    assert m.hotswap(file) == "default" and m.adapter_names == ["default"]
+
+
+def test_shard_names_scalar_adapter_parameters() -> None:
+    m = peftkit.wrap(worker.backbone(), "serial_adapter", scale="learned", targets=["fc2"])
+    assert all(p.dim() >= 1 for p in m.parameters())  # the built-ins hold scalars as shape (1,)
+    m.peft_adapters["default"].adapters[0].learned_scale = nn.Parameter(torch.ones(()))
+    with pytest.raises(peftkit.errors.PluginError, match=r"0-dim parameters.*learned_scale.*shape \(1,\)"):
+        pdist.shard(m)

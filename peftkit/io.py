@@ -422,6 +422,9 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     Everything is checked first (format, method and plugin, targets, shapes, dtypes, fingerprint);
     a refused load leaves ``model`` exactly as it was.
 
+    On a model sharded with :func:`peftkit.distributed.shard` that already holds an adapter of
+    that name, the file's tensors go into it (see :func:`hotswap`): every rank keeps its shard.
+
     Args:
         model: The backbone the adapter was trained on (freshly built is fine), or an AdaptedModel.
         path: The ``.safetensors`` adapter file.
@@ -440,7 +443,11 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             return import_adapter(model, path, name=name or "default")
     model = distributed.unwrap_parallel(model)
     if isinstance(model, AdaptedModel):
-        model.load_adapter(path, name=name)
+        target = name or read_header(path).adapter
+        if model.__dict__.get("_sharded") and target in model.adapter_names:
+            hotswap(model, path, target)  # FSDP2: the adapter exists; each rank takes its shard
+        else:
+            model.load_adapter(path, name=name)
         return model
     header, prepared = read_adapter(model, path)
     adapted = AdaptedModel(model)

@@ -206,6 +206,7 @@ def test_sharded_models_refuse_changes_to_the_adapter_set(tmp_path: Path) -> Non
         with pytest.raises(ConfigError, match="before sharding; to swap an adapter's weights on a sharded model use hotswap"):
             call()
     assert m.hotswap(file) == "default" and m.adapter_names == ["default"]
+    assert peftkit.load(m, file) is m and m.adapter_names == ["default"]  # a held name: swapped in place
 
 
 def test_shard_names_scalar_adapter_parameters() -> None:

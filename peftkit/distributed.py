@@ -101,6 +101,22 @@ def original_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def _called_blocks(base: nn.Module, paths: list[str]) -> list[str]:
+    """``paths`` with every ModuleList/ModuleDict replaced by its items: a container is never called
+    itself, so FSDP2's hooks on it would never gather its parameters."""
+    out: list[str] = []
+    for p in paths:
+        module = base.get_submodule(p)
+        if isinstance(module, _CONTAINERS):
+            out += _called_blocks(base, [f"{p}.{n}" if p else n for n in module._modules])
+        else:
+            out.append(p)
+    return out
+
+
 class _GroupMember(nn.Module):
     """The adapter modules that act inside one block, grouped with it for FSDP2.
 
@@ -134,7 +150,7 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     Args:
         model: An :class:`~peftkit.AdaptedModel`, on the device the mesh uses.
         blocks: The modules of the backbone to shard one by one (names, suffixes, a regex, types or a
-            callable, as for ``targets``); default: the blocks of its main stage (BERT's
+            callable, as for ``targets``; of nested matches the outermost count); default: the blocks of its main stage (BERT's
             ``encoder.layer.*``, ViT's ``encoder.layers.*``, ResNet's stages).
         mesh: The device mesh (default: every rank of the default process group).
         reshard_after_forward: Free gathered block parameters after the forward (less memory, one
@@ -168,12 +184,13 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
         raise MergeError("unmerge() before sharding: the backbone is sharded as it was given to wrap()")
     base = model.base_model
     paths = select_modules(base, blocks, what="blocks") if blocks is not None else find_blocks(base)
-    paths = [p for p in paths if p and any(True for _ in base.get_submodule(p).parameters())]
+    paths = _called_blocks(base, paths)
+    # a pattern such as "encoder.layer.*" also matches everything inside each block: keep the blocks
+    paths = [p for p in paths if p and not is_under(p, [q for q in paths if q != p])
+             and any(True for _ in base.get_submodule(p).parameters())]
     if not paths:
         raise ConfigError(f"no block with parameters to shard in {type(base).__name__}; pass blocks=[...]")
-    # FSDP2 wants inner groups first; an adapter belongs to the innermost block around the module
-    # whose forward applies it (its host).
-    paths.sort(key=lambda p: p.count("."), reverse=True)
+    # an adapter belongs to the block around the module whose forward applies it (its host)
     owned: dict[str, list[nn.Module]] = {p: [] for p in paths}
     for rec in model._records.values():
         mods = rec.modules

@@ -315,9 +315,13 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
         for k, t in expected.items():
             t.copy_(values[k])
     # the hot swap of another file into this adapter compares against these (already checked here)
-    prepared.cache = {"targets": header.targets,
-                      "backbone+values" if header.backbone.get("values") is not None else "backbone": header.backbone}
+    prepared.cache = {"targets": header.targets, _fingerprint_key(header.backbone): header.backbone}
     return header, prepared
+
+
+def _fingerprint_key(backbone: dict[str, Any]) -> str:
+    """Where a record caches its backbone fingerprint: with or without the content hash."""
+    return "backbone+values" if backbone.get("values") is not None else "backbone"
 
 
 def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> str:
@@ -368,10 +372,9 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
                       if header.targets.get(p) != cached["targets"].get(p))
         raise AdapterFileError(f"{where} adapts other modules, or the same ones with other shapes, than adapter "
                                f"{name!r} (first differences: {diff[:3]}); load it with load_adapter() instead")
-    with_values = header.backbone.get("values") is not None
-    key = "backbone+values" if with_values else "backbone"
+    key = _fingerprint_key(header.backbone)
     if key not in cached:
-        cached[key] = fingerprint(base, list(cached["targets"]), with_values)
+        cached[key] = fingerprint(base, list(cached["targets"]), header.backbone.get("values") is not None)
     if cached[key] != header.backbone:
         raise BackboneMismatchError(f"{where} was made for other base weights (or dtypes) than this model's; "
                                     "load it onto the backbone it was trained on")
@@ -443,8 +446,8 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             return import_adapter(model, path, name=name or "default")
     model = distributed.unwrap_parallel(model)
     if isinstance(model, AdaptedModel):
-        target = name or read_header(path).adapter
-        if model.__dict__.get("_sharded") and target in model.adapter_names:
+        target = (name or read_header(path).adapter) if model.__dict__.get("_sharded") else None
+        if target in model.adapter_names:
             hotswap(model, path, target)  # FSDP2: the adapter exists; each rank takes its shard
         else:
             model.load_adapter(path, name=name)

@@ -177,9 +177,6 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     if scalars:
         raise PluginError(f"FSDP2 cannot shard 0-dim parameters, and these adapter parameters are scalars: "
                           f"{', '.join(scalars[:3])}. The method's plugin should hold them with shape (1,).")
-    if mesh is None and not _initialized():
-        raise ConfigError("shard() needs torch.distributed initialised: run under torchrun and call "
-                          "torch.distributed.init_process_group() first (or pass mesh=)")
     if model.merged:
         raise MergeError("unmerge() before sharding: the backbone is sharded as it was given to wrap()")
     base = model.base_model
@@ -190,6 +187,9 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
              and any(True for _ in base.get_submodule(p).parameters())]
     if not paths:
         raise ConfigError(f"no block with parameters to shard in {type(base).__name__}; pass blocks=[...]")
+    if mesh is None and not _initialized():
+        raise ConfigError("shard() needs torch.distributed initialised: run under torchrun and call "
+                          "torch.distributed.init_process_group() first (or pass mesh=)")
     # an adapter belongs to the block around the module whose forward applies it (its host)
     owned: dict[str, list[nn.Module]] = {p: [] for p in paths}
     for rec in model._records.values():

@@ -383,7 +383,7 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
     with torch.no_grad():
         for k, dst in expected.items():
             distributed.assign(dst, values[k])
-    model._values_changed()
+    model._drop_folded()
     return name
 
 

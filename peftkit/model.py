@@ -250,8 +250,7 @@ class AdaptedModel(nn.Module):
         """Set training mode; frozen normalisation layers stay in eval mode (stored statistics)."""
         super().train(mode)
         if mode:  # training recomputes substitutions with autograd: free the inference cache
-            for slot in self._slots.values():
-                slot.clear_cache()
+            self._drop_folded()
         self._hold_frozen_norms()
         return self
 
@@ -267,8 +266,8 @@ class AdaptedModel(nn.Module):
                    for p in self._records[n].modules.train_paths]
         self._frozen_norms = [m for path, m in self.base_model.named_modules()
                               if isinstance(m, nn.modules.batchnorm._NormBase) and not is_under(path, trained)]
+        self._drop_folded()
         for slot in self._slots.values():
-            slot.clear_cache()
             slot.cache = self.cache_weights
         # DistributedDataParallel broadcasts every buffer when it starts; an adapter's integer
         # buffers (FISH's int16 positions) are fixed and equal on every rank, and gloo cannot
@@ -389,11 +388,11 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for k, dst in mods.file_tensors().items():
                 distributed.assign(dst, distributed.full_tensor(new[k]))
-        self._values_changed()
+        self._drop_folded()
         return name
 
-    def _values_changed(self) -> None:
-        """Adapter values were overwritten in place (the adapter set is the same): drop folded weights."""
+    def _drop_folded(self) -> None:
+        """Forget the cached folded weights (``W + delta``), e.g. after adapter values were overwritten."""
         for slot in self._slots.values():
             slot.clear_cache()
 

@@ -215,3 +215,16 @@ def test_shard_names_scalar_adapter_parameters() -> None:
     m.peft_adapters["default"].adapters[0].learned_scale = nn.Parameter(torch.ones(()))
     with pytest.raises(peftkit.errors.PluginError, match=r"0-dim parameters.*learned_scale.*shape \(1,\)"):
         pdist.shard(m)
+
+
+def test_shard_refuses_merged_resharded_and_blockless_models() -> None:
+    m = peftkit.wrap(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "lora", r=2, targets=["0"])
+    m.merge()
+    with pytest.raises(peftkit.errors.MergeError, match="unmerge"):
+        pdist.shard(m)
+    m.unmerge()
+    with pytest.raises(ConfigError, match="no block with parameters.*pass blocks="):
+        pdist.shard(m, blocks=[nn.ReLU])
+    m.__dict__["_sharded"] = True
+    with pytest.raises(ConfigError, match="already sharded"):
+        pdist.shard(m)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .method import Adapter, add_delta
+from .method import Adapter, SparseDelta, add_delta
 
 
 @dataclass
@@ -55,19 +55,28 @@ class Entry:
     mapping: dict[str, str] | None = None
     persistent: bool = False
 
-    def weight_space(self, grad: bool) -> bool:
-        """Use the delta form now? Training prefers the output form (autograd through a low-rank
-        path is cheaper than through a full weight); inference prefers the delta (no extra
-        activations). A target read directly by its host can only use the delta."""
+    def form(self, grad: bool) -> str:
+        """How this adapter applies now: ``"delta"`` (weight space, differentiable), ``"fold"`` (weight
+        space without autograd, plus the adapter's :meth:`~peftkit.Adapter.fold_gradient`) or
+        ``"transform"`` (output space). Inference prefers the delta (no extra activations). Training
+        prefers the fold where the adapter offers it (the target's own kernels then carry the
+        adapter, and no weight gradient is computed), else the output form (autograd through a
+        low-rank path is cheaper than through a full weight). A target read directly by its host can
+        only use the delta."""
         a = self.adapter
         assert a is not None
-        if self.prefix or not a.has_transform:
-            return True
+        training = grad and any(p.requires_grad for p in a.parameters())
+        if self.prefix:
+            return "delta"
+        if training and a.has_delta and a.folds_in_training(self.target):
+            return "fold"
+        if not a.has_transform:
+            return "delta"
         if not a.has_delta:
-            return False
+            return "transform"
         if a.train_in_weight_space:
-            return True
-        return not (grad and any(p.requires_grad for p in a.parameters()))
+            return "delta"
+        return "transform" if training else "delta"
 
 
 def tensor_slot(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
@@ -116,12 +125,14 @@ class Slot:
             if e.replacement is not None:
                 tensors = dict(replacement_tensors(e.replacement))
                 subs.update(tensors if e.mapping is None else {h: tensors[c] for h, c in e.mapping.items()})
-            elif e.weight_space(grad):
-                deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
+            elif (form := e.form(grad)) != "transform":
+                with torch.set_grad_enabled(grad and form == "delta"):
+                    deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
                 for name, d in (deltas or {}).items():
                     key = e.prefix + name
                     base = subs[key] if key in subs else _get(self.host, key)
-                    subs[key] = add_delta(base, d)
+                    # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
+                    subs[key] = add_delta(base, _detached(d) if form == "fold" else d)
         return subs
 
     def clear_cache(self) -> None:
@@ -171,14 +182,23 @@ class Slot:
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         grad = torch.is_grad_enabled()
         for e in self._live():
-            if e.adapter is not None and not e.weight_space(grad):
+            if e.adapter is None:
+                continue
+            form = e.form(grad)
+            if form == "transform":
                 output = e.adapter.transform(e.target, args, kwargs, output)
+            elif form == "fold":
+                output = e.adapter.fold_gradient(e.target, args, kwargs, output)
         return output
 
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:
         if self._saved:
             for store, key, original in reversed(self._saved.pop()):
                 store[key] = original
+
+
+def _detached(d: torch.Tensor | SparseDelta) -> torch.Tensor | SparseDelta:
+    return SparseDelta(d.index, d.values.detach()) if isinstance(d, SparseDelta) else d.detach()
 
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:

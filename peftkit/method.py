@@ -2,7 +2,7 @@
 :class:`Adapter` modules it builds.
 
 An adapter contributes to its target module in one or both of two forms, and the core picks the
-cheaper one per call:
+cheaper one per call (a third, training-only form combines them: see :meth:`Adapter.fold_gradient`):
 
 * **transform** (output space): ``output -> transform(module, args, kwargs, output)``, applied after
   the target's forward. Serial/parallel adapters; LoRA computed on activations while training.
@@ -83,6 +83,27 @@ class Adapter(nn.Module):
         output-space path costs more than a weight gradient, e.g. LoRA on convolutions over large
         activations (measured in benchmarks/)."""
         return False
+
+    def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Training form "fold without autograd" (optional): the target runs with ``W + delta``
+        computed under ``torch.no_grad()``, so its output and its input gradient already include the
+        adapter. This returns ``output`` unchanged in value but carrying the gradients of the
+        adapter's own parameters, computed cheaply from the target's input and output gradient (LoRA:
+        ``dA = s (g B)^T x``, ``dB = s g^T (x A^T)``). It skips the full weight gradient that
+        autograd through ``W + delta`` would compute, and the extra full-size passes of the
+        output-space form. Used while training when :meth:`folds_in_training` says so.
+
+        Args:
+            module: The target module (frozen).
+            args: Positional inputs the target was called with.
+            kwargs: Keyword inputs the target was called with.
+            output: What the target returned (computed with the folded weight).
+        """
+        raise NotImplementedError
+
+    def folds_in_training(self, module: nn.Module) -> bool:
+        """Whether :meth:`fold_gradient` applies to ``module`` now (default: when it is implemented)."""
+        return type(self).fold_gradient is not Adapter.fold_gradient
 
     @property
     def has_transform(self) -> bool:

@@ -97,6 +97,38 @@ def _add_low_rank(output: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale:
     return out.view(output.shape)
 
 
+class _LowRankGradient(torch.autograd.Function):
+    """Identity on a Linear's output whose backward yields the LoRA factors' gradients.
+
+    The Linear ran with ``W + s*B@A`` folded in without autograd, so its output and its input
+    gradient already include the adapter; only ``dA = s (g B)^T x``, ``dB = s (x A^T)^T g`` (and the
+    bias delta's ``sum g``) are left: three skinny products instead of a full weight gradient, or of
+    the output-space form's extra full-size passes (benchmarks/: 1.11x instead of 1.2-1.4x the
+    frozen layer's step).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+        ctx.save_for_backward(x2, x2 @ A.t(), B)  # x2 is the caller's input (a view), x A^T is (tokens, r)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return output.detach()  # an alias, not the input as-is: autograd would treat that as a view, refusing in-place ops
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, xa, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)
+        grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_a = torch.mm((g2 @ B).t(), x2).mul_(ctx.scale)  # (r, in)
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(xa.t(), g2).t().mul_(ctx.scale)  # (out, r); xa^T g reads g row-major
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = g2.sum(0)
+        return g, None, grad_a, grad_b, grad_bias, None
+
+
 class LowRank(nn.Module):
     """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
 
@@ -132,8 +164,15 @@ class LinearLoRA(peftkit.Adapter):
         out = _add_low_rank(output, xa, self.lora_B, self.scale)
         return out + self.lora_bias if self.lora_bias is not None else out
 
+    def folds_in_training(self, module: nn.Module) -> bool:
+        return isinstance(self.dropout, nn.Identity)  # dropout on the adapter's input has no weight form
+
+    def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["input"]
+        return _LowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale)
+
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        d = self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+        d = torch.mm(self.lora_B, self.lora_A).mul_(self.scale)  # (out, in)
         deltas = {"weight": d.T if self.transposed else d}
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias

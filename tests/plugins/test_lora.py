@@ -186,3 +186,62 @@ def test_bad_options_name_the_option(bad: dict) -> None:
 def test_unsupported_module_named_explicitly() -> None:
     with pytest.raises(TargetError, match="LayerNorm"):
         peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "lora", targets=["1"])
+
+
+class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout (weight (in, out)), found by name
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d", "trainable_base", "inplace_after"])
+def test_training_fold_gives_autograd_gradients(layer: str) -> None:
+    """Training folds W + s*B@A in without autograd and adds the factors' gradients itself: output,
+    input gradient and every trainable gradient equal autograd through the explicit formula."""
+    torch.manual_seed(1)
+    host = Conv1D(5, 6) if layer == "hf_conv1d" else nn.Linear(6, 5)
+
+    def run(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = net(x)
+        if layer == "inplace_after":
+            y.mul_(2.0)  # the adapted output may be modified in place, as many models do
+        return y
+
+    m = peftkit.wrap(nn.Sequential(host), "lora", targets=["0"], r=2, alpha=3, init=False, bias="lora_only")
+    if layer == "trainable_base":
+        host.weight.requires_grad_(True)  # a user unfreezing the base: its gradient must still flow
+    a = _lora(m)
+    with torch.no_grad():
+        a.lora_bias.normal_()
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    out = run(m, x)
+    assert "LowRankGradient" in type(out.grad_fn).__name__ or layer == "inplace_after"
+    out.pow(2).sum().backward()
+
+    A, B, bias = (t.detach().clone().requires_grad_(True) for t in (a.lora_A, a.lora_B, a.lora_bias))
+    W = host.weight.detach().clone().requires_grad_(layer == "trainable_base")
+    x_ref = x.detach().clone().requires_grad_(True)
+    base = x_ref @ W + host.bias if layer == "hf_conv1d" else F.linear(x_ref, W, host.bias)
+    ref = base + 1.5 * (x_ref @ A.T) @ B.T + bias
+    if layer == "inplace_after":
+        ref = ref * 2.0
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for got, want in ((a.lora_A, A), (a.lora_B, B), (a.lora_bias, bias)):
+        torch.testing.assert_close(got.grad, want.grad)
+    if layer == "trainable_base":
+        torch.testing.assert_close(host.weight.grad, W.grad)
+
+
+def test_dropout_trains_in_output_space() -> None:
+    m = peftkit.wrap(nn.Sequential(nn.Linear(6, 5)), "lora", targets=["0"], r=2, dropout=0.5)
+    out = m(torch.randn(3, 6))
+    assert "LowRankGradient" not in type(out.grad_fn).__name__  # dropout(x) has no weight-space form
+    out.sum().backward()
+    assert _lora(m).lora_A.grad is not None

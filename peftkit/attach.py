@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .method import Adapter, SparseDelta, add_delta
+from .method import Adapter, add_delta, detach_delta
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Slot:
                     key = e.prefix + name
                     base = subs[key] if key in subs else _get(self.host, key)
                     # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
-                    subs[key] = add_delta(base, _detached(d) if form == "fold" else d)
+                    subs[key] = add_delta(base, detach_delta(d) if form == "fold" else d)
         return subs
 
     def clear_cache(self) -> None:
@@ -195,10 +195,6 @@ class Slot:
         if self._saved:
             for store, key, original in reversed(self._saved.pop()):
                 store[key] = original
-
-
-def _detached(d: torch.Tensor | SparseDelta) -> torch.Tensor | SparseDelta:
-    return SparseDelta(d.index, d.values.detach()) if isinstance(d, SparseDelta) else d.detach()
 
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:

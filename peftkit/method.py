@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ConfigError, TargetError
 
-__all__ = ["Adapter", "Method", "SparseDelta", "add_delta"]
+__all__ = ["Adapter", "Delta", "LowRankDelta", "Method", "SparseDelta", "add_delta", "detach_delta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +41,47 @@ class SparseDelta:
     values: torch.Tensor  # (k,) values, differentiable
 
 
-def add_delta(base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> torch.Tensor:
-    """``base + delta`` out of place, for a dense or a sparse delta (differentiable in ``delta``)."""
+@dataclasses.dataclass(frozen=True)
+class LowRankDelta:
+    """A weight delta ``scale * left @ right`` (``left`` rows x r, ``right`` r x the rest), shaped
+    like the base tensor it is added to (e.g. a conv weight (out, in, k, k) with ``right`` r x in*k*k).
+
+    Returned by :meth:`Adapter.delta` for low-rank methods (LoRA): the core then forms
+    ``W + s * left @ right`` with one ``addmm``, in one pass over the weight forward and backward,
+    instead of a product, a scaling and a sum over full-size weights.
+    """
+
+    left: torch.Tensor  # (rows, r)
+    right: torch.Tensor  # (r, cols)
+    scale: float = 1.0
+
+    def dense(self, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The delta as a tensor: (rows, cols), or ``shape`` (the base tensor's)."""
+        d = torch.mm(self.left, self.right).mul_(self.scale)
+        return d if shape is None else d.view(tuple(shape))
+
+
+Delta = torch.Tensor | SparseDelta | LowRankDelta
+
+
+def add_delta(base: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """``base + delta`` out of place, for a dense, sparse or low-rank delta (differentiable in ``delta``)."""
     if isinstance(delta, SparseDelta):
         return base.reshape(-1).index_add(0, delta.index, delta.values.to(base.dtype)).view_as(base)
+    if isinstance(delta, LowRankDelta):
+        rows = delta.left.shape[0]
+        left, right = delta.left.to(base.dtype), delta.right.to(base.dtype)
+        return torch.addmm(base.reshape(rows, -1), left, right, alpha=delta.scale).view(base.shape)
     return base + delta.to(base.dtype)
+
+
+def detach_delta(delta: Delta) -> Delta:
+    """The same delta without autograd history."""
+    if isinstance(delta, SparseDelta):
+        return SparseDelta(delta.index, delta.values.detach())
+    if isinstance(delta, LowRankDelta):
+        return LowRankDelta(delta.left.detach(), delta.right.detach(), delta.scale)
+    return delta.detach()
 
 
 class Adapter(nn.Module):
@@ -65,8 +101,8 @@ class Adapter(nn.Module):
         """
         raise NotImplementedError
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor | SparseDelta] | None:
-        """Weight-space form: tensors (dense, or :class:`SparseDelta`) to add to the target's own
+    def delta(self, module: nn.Module) -> dict[str, Delta] | None:
+        """Weight-space form: tensors (dense, :class:`SparseDelta` or :class:`LowRankDelta`) to add to the target's own
         parameters, keyed by their names relative to the target (e.g. ``"weight"``,
         ``"out_proj.weight"``); ``None`` when this adapter cannot be written as a weight delta (then
         it cannot be merged)."""

@@ -18,7 +18,7 @@ from torch import nn
 from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
 from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
 from .heads import MultiHead, fresh_layer
-from .method import Adapter, Method, SparseDelta
+from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
 from .plugins import MethodInfo, get_method
 from .targets import Selection, calls_forward, find_output_layer, host_of, is_under, select_modules, tied_aliases
 
@@ -482,7 +482,7 @@ class AdaptedModel(nn.Module):
         return self._records[name]
 
     # -- merging -------------------------------------------------------------------------------
-    def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, Delta]]:
         """(description, base tensor, delta) for each weight-space contribution of an adapter."""
         rec = self._records[name]
         for path, adapter in rec.modules.items():
@@ -536,7 +536,10 @@ class AdaptedModel(nn.Module):
                         continue
                     if keep_originals:
                         rec.backups.append((base, base.detach().clone()))
-                    base.add_(d.detach().to(base.dtype))
+                    if isinstance(d, LowRankDelta):
+                        base.copy_(add_delta(base, d))
+                    else:
+                        base.add_(d.detach().to(base.dtype))
                 for path, c in rec.modules.train_items():
                     module = self.base_model.get_submodule(path)
                     aliases = [] if path in rec.modules.fresh else tied_aliases(self.base_model, path)
@@ -655,10 +658,10 @@ class AdaptedModel(nn.Module):
         return f"active={self._state.active}, merged={sorted(self._state.merged)}"
 
 
-def _finite_after(base: torch.Tensor, d: torch.Tensor | SparseDelta) -> bool:
+def _finite_after(base: torch.Tensor, d: Delta) -> bool:
     if isinstance(d, SparseDelta):
         return bool(torch.isfinite(base.reshape(-1)[d.index] + d.values.to(base.dtype)).all())
-    return bool(torch.isfinite(base + d.to(base.dtype)).all())
+    return bool(torch.isfinite(add_delta(base, d)).all())
 
 
 def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:

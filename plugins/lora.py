@@ -18,6 +18,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
+from peftkit.method import Delta, LowRankDelta
 from peftkit.targets import find_output_layer, matches
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -129,6 +130,44 @@ class _LowRankGradient(torch.autograd.Function):
         return g, None, grad_a, grad_b, grad_bias, None
 
 
+class _ConvLowRankGradient(torch.autograd.Function):
+    """The convolution counterpart of :class:`_LowRankGradient`: with ``h = conv(x, A)`` (r channels)
+    and ``gB`` the output gradient projected to r channels, ``dB = s * sum(g h)`` (a 1 x 1 weight
+    gradient) and ``dA = s * conv_weight_grad(x, gB)`` (a weight gradient with r output channels)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: torch.Tensor | None, scale: float, conv: nn.Module) -> torch.Tensor:
+        x = x.to(A.dtype)
+        nd = A.dim() - 2
+        h = _CONV_FN[nd](x, A, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.save_for_backward(x, h, A, B)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        ctx.conv = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        return output.detach()  # see _LowRankGradient
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, A, B = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        nd = A.dim() - 2
+        g2 = g.to(B.dtype)
+        grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            one, zero = [1] * nd, [0] * nd
+            g_h, grad_b, _ = torch.ops.aten.convolution_backward(
+                g2, h, B, None, one, zero, one, False, zero, groups, [True, ctx.needs_input_grad[3], False])
+            if ctx.needs_input_grad[2]:
+                grad_a = torch.ops.aten.convolution_backward(
+                    g_h, x, A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
+                grad_a = grad_a.mul_(ctx.scale)
+            if grad_b is not None:
+                grad_b = grad_b.mul_(ctx.scale)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = g2.sum([0, *range(2, g2.dim())])
+        return g, None, grad_a, grad_b, grad_bias, None, None
+
+
 class LowRank(nn.Module):
     """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
 
@@ -139,8 +178,8 @@ class LowRank(nn.Module):
         self.scale = scale
         self.lora_bias = nn.Parameter(torch.zeros(out_f, device=like.device, dtype=like.dtype)) if bias else None
 
-    def weight_delta(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+    def weight_delta(self) -> LowRankDelta:
+        return LowRankDelta(self.lora_B, self.lora_A, self.scale)  # (out, in)
 
 
 class LinearLoRA(peftkit.Adapter):
@@ -171,9 +210,10 @@ class LinearLoRA(peftkit.Adapter):
         x = args[0] if args else kwargs["input"]
         return _LowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale)
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        d = torch.mm(self.lora_B, self.lora_A).mul_(self.scale)  # (out, in)
-        deltas = {"weight": d.T if self.transposed else d}
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        A, B = self.lora_A, self.lora_B  # the weight is (out, in), or (in, out) when transposed
+        deltas: dict[str, Delta] = {"weight": LowRankDelta(A.T, B.T, self.scale) if self.transposed
+                                    else LowRankDelta(B, A, self.scale)}
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias
         return deltas
@@ -203,6 +243,19 @@ class ConvLoRA(peftkit.Adapter):
         # the demo's ResNet, a tie on resnet18 at 224 px). Dropout needs the activations.
         return isinstance(self.dropout, nn.Identity)
 
+    def folds_in_training(self, module: nn.Module) -> bool:
+        # The fold's r-channel convolutions beat a full weight gradient on k x k convs over enough
+        # input channels (resnet18 3 x 3 layers, batch 32: 1.1-1.2x the frozen layer's step instead
+        # of 1.4-1.7x); a weight gradient stays cheaper on 1 x 1 convs and on stems over 3 channels,
+        # whose r-channel convolutions run at a fraction of the kernels' speed (measured on CPU).
+        return (isinstance(self.dropout, nn.Identity) and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str) and math.prod(module.kernel_size) > 1
+                and module.in_channels // module.groups >= 16)
+
+    def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["input"]
+        return _ConvLowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale, module)
+
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         h = module._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
@@ -212,13 +265,16 @@ class ConvLoRA(peftkit.Adapter):
             out = out + self.lora_bias.view(-1, *([1] * (out.dim() - 2)))
         return out
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
         g = module.groups
         out_c = self.lora_B.shape[0]
-        a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
-        b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
-        d = torch.bmm(b, a).reshape(module.weight.shape)  # (out, in/g, k...)
-        deltas = {"weight": self.scale * d}
+        deltas: dict[str, Delta]
+        if g == 1:
+            deltas = {"weight": LowRankDelta(self.lora_B.reshape(out_c, -1), self.lora_A.reshape(self.rank, -1), self.scale)}
+        else:
+            a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
+            b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
+            deltas = {"weight": self.scale * torch.bmm(b, a).reshape(module.weight.shape)}  # (out, in/g, k...)
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias
         return deltas
@@ -237,8 +293,8 @@ class EmbeddingLoRA(peftkit.Adapter):
         h = F.embedding(idx, self.lora_A.T, padding_idx=module.padding_idx)  # (..., r)
         return _add_low_rank(output, h, self.lora_B, self.scale)  # (..., dim)
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {"weight": self.scale * (self.lora_B @ self.lora_A).T}  # (num, dim)
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        return {"weight": LowRankDelta(self.lora_A.T, self.lora_B.T, self.scale)}  # (num, dim)
 
 
 class MultiheadAttentionLoRA(peftkit.Adapter):
@@ -259,8 +315,8 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
             self.v_proj = LowRank(module.vdim, E, r, scale, like, init, False)
         self.out_proj = LowRank(E, E, r, scale, like, init, bias and module.out_proj.bias is not None)
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        deltas = {}
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        deltas: dict[str, Delta] = {}
         for name, tensor in (("in_proj", "in_proj_weight"), ("q_proj", "q_proj_weight"),
                              ("k_proj", "k_proj_weight"), ("v_proj", "v_proj_weight"), ("out_proj", "out_proj.weight")):
             part = getattr(self, name, None)

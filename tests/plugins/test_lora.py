@@ -12,6 +12,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
+from peftkit.method import add_delta
 
 torch.manual_seed(0)
 
@@ -97,7 +98,8 @@ def test_multihead_attention_in_proj_and_out_proj(kdim: int | None) -> None:
     with torch.no_grad():
         for name, delta in a.delta(mha).items():
             owner, _, leaf = name.rpartition(".")
-            getattr(ref.get_submodule(owner) if owner else ref, leaf).add_(delta)
+            tensor = getattr(ref.get_submodule(owner) if owner else ref, leaf)
+            tensor.copy_(add_delta(tensor, delta))
         expected = ref(q, kv, kv)[0]
     torch.testing.assert_close(m(q, kv, kv)[0], expected, rtol=1e-5, atol=1e-5)  # training (autograd) path
     m.eval()
@@ -243,5 +245,41 @@ def test_dropout_trains_in_output_space() -> None:
     m = peftkit.wrap(nn.Sequential(nn.Linear(6, 5)), "lora", targets=["0"], r=2, dropout=0.5)
     out = m(torch.randn(3, 6))
     assert "LowRankGradient" not in type(out.grad_fn).__name__  # dropout(x) has no weight-space form
+    out.sum().backward()
+    assert _lora(m).lora_A.grad is not None
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("nd", [1, 2])
+def test_conv_training_fold_gives_autograd_gradients(groups: int, nd: int) -> None:
+    conv = (nn.Conv1d if nd == 1 else nn.Conv2d)(32, 8, 3, stride=2, padding=1, groups=groups)
+    m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=4, alpha=2, init=False, bias="lora_only")
+    a = _lora(m)
+    with torch.no_grad():
+        a.lora_bias.normal_()
+    x = torch.randn(2, 32, *([7] * nd), requires_grad=True)
+    out = m(x)
+    assert "LowRankGradient" in type(out.grad_fn).__name__
+    out.pow(2).sum().backward()
+
+    A, B, bias = (t.detach().clone().requires_grad_(True) for t in (a.lora_A, a.lora_B, a.lora_bias))
+    x_ref = x.detach().clone().requires_grad_(True)
+    fn = F.conv1d if nd == 1 else F.conv2d
+    h = fn(x_ref, A, stride=2, padding=1, groups=groups)
+    ref = conv._conv_forward(x_ref, conv.weight, conv.bias) + 0.5 * fn(h, B, groups=groups)
+    ref = ref + bias.view(-1, *([1] * nd))
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((x, x_ref), (a.lora_A, A), (a.lora_B, B), (a.lora_bias, bias)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(16, 8, 1), nn.Conv2d(3, 8, 7, stride=2, padding=3),
+                                  nn.Conv2d(16, 8, 3, padding="same"), nn.Conv2d(16, 8, 3, padding_mode="circular")])
+def test_convs_without_a_cheaper_fold_train_in_weight_space(conv: nn.Module) -> None:
+    m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=2, init=False)
+    x = torch.randn(2, conv.in_channels, 9, 9)
+    out = m(x)
+    assert "LowRankGradient" not in type(out.grad_fn).__name__
     out.sum().backward()
     assert _lora(m).lora_A.grad is not None

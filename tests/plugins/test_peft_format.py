@@ -113,21 +113,21 @@ def test_multihead_attention_both_ways(tmp_path: Path) -> None:
     out = peftkit.export_peft(m, tmp_path / "mha")
     layer = _peft_load(_fresh(), out).base_model.model.attn
     # PEFT reads the same deltas from the file ...
-    torch.testing.assert_close(layer.get_delta_weight("default"), a.in_proj.weight_delta(), rtol=0, atol=0)
-    torch.testing.assert_close(layer.base_layer.out_proj.get_delta_weight("default"), a.out_proj.weight_delta(),
+    torch.testing.assert_close(layer.get_delta_weight("default"), a.in_proj.weight_delta().dense(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.base_layer.out_proj.get_delta_weight("default"), a.out_proj.weight_delta().dense(),
                                rtol=0, atol=0)
     # ... and peftkit gives W + dW exactly (a plain MultiheadAttention with the deltas added by hand)
     ref = _fresh().attn
     h = torch.randn(2, 5, 8)
     with torch.no_grad():
-        ref.in_proj_weight += a.in_proj.weight_delta()
-        ref.out_proj.weight += a.out_proj.weight_delta()
+        ref.in_proj_weight += a.in_proj.weight_delta().dense()
+        ref.out_proj.weight += a.out_proj.weight_delta().dense()
         torch.testing.assert_close(m.base_model.attn(h, h, h)[0], ref(h, h, h)[0], rtol=1e-6, atol=1e-6)
         if not _PEFT_MHA_DOUBLES_OUT_PROJ:  # a fixed PEFT must then agree on the outputs too
             torch.testing.assert_close(layer(h, h, h)[0], ref(h, h, h)[0], rtol=1e-5, atol=1e-5)
     back = peftkit.import_peft(_fresh(), out)
-    torch.testing.assert_close(back.peft_adapters["default"].adapters[0].out_proj.weight_delta(),
-                               a.out_proj.weight_delta(), rtol=0, atol=0)
+    torch.testing.assert_close(back.peft_adapters["default"].adapters[0].out_proj.weight_delta().dense(),
+                               a.out_proj.weight_delta().dense(), rtol=0, atol=0)
 
 
 def test_import_a_peft_trained_adapter(tmp_path: Path) -> None:

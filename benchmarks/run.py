@@ -198,6 +198,9 @@ def worker(row: str, reps: int, smoke: bool) -> dict[str, float]:
         p.requires_grad_(False)
     variants["frozen floor train"] = trainer(frozen, floor=True)
     variants["plain eval"] = evaluator(build())
+    # the same plain model built a second time: how far two identical models drift apart here, the
+    # noise floor against which "merged / plain" (identical compute) has to be read
+    variants["plain eval (2nd copy)"] = evaluator(build())
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for rep in range(reps + (0 if smoke else 2)):
@@ -340,19 +343,23 @@ def fish_row(smoke: bool) -> dict[str, float]:
     build, _, _ = _vision("resnet18", True)
     model = build()
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))]
+    n = 12 if smoke else 32
+    data = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))]
     out = {}
-    for vec in (True, False):
+    ways = {"vectorised": True, "loop": False, "auto": "auto"}
+    for vec in ways.values():  # warm-up: the first call of either way pays one-off costs
+        peftkit.fisher_information(model, data, samples=2, vectorize=vec, progress=False)
+    for label, vec in ways.items():
         t = time.perf_counter()
-        peftkit.fisher_information(model, data, samples=8 if smoke else 16, vectorize=vec, progress=False)
-        out[f"resnet18 32px Fisher {'vectorised' if vec else 'loop'} samples/s"] = (8 if smoke else 16) / (time.perf_counter() - t)
+        peftkit.fisher_information(model, data, samples=n, vectorize=vec, progress=False)
+        out[f"resnet18 32px Fisher {label} samples/s"] = n / (time.perf_counter() - t)
     factory, _, _ = rows(smoke)["MiniLM q,v"]
     build, inputs, _ = factory()
     n = 4 if smoke else 256
     batches = [{k: v[: min(16, n)] for k, v in inputs.items()} for _ in range(max(1, n // 16))]
     t = time.perf_counter()
     mask = peftkit.fisher_mask(build(), batches, keep=0.005, samples=n, progress=False)
-    out["MiniLM Fisher mask samples/s (per-sample loop: vmap cannot take transformers' BERT)"] = n / (time.perf_counter() - t)
+    out["MiniLM Fisher mask samples/s (auto picks the loop: vmap cannot take transformers' BERT)"] = n / (time.perf_counter() - t)
     out["MiniLM mask entries"] = sum(i.numel() for i in mask.values())
     return out
 
@@ -405,8 +412,8 @@ def report(results: dict[str, Any]) -> str:
              "the same process, then the median over processes.", "",
              "| case | peftkit train | PEFT train | full FT | frozen floor | peftkit / PEFT | peftkit / floor "
              "| eval unmerged (peftkit / PEFT) | eval merged (peftkit / PEFT) | plain eval | unmerged / merged | merged / plain "
-             "| peak RSS MB (peftkit / PEFT) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| plain / plain (noise) | peak RSS MB (peftkit / PEFT) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, r in results["rows"].items():
         med = r["median"]
         rat = r["ratios"]
@@ -420,7 +427,7 @@ def report(results: dict[str, Any]) -> str:
             f"{med['full fine-tune train']:.0f} | {med['frozen floor train']:.0f} | {rat.get('train vs peft', '-')} | "
             f"{rat['train vs floor']} | {med['peftkit eval unmerged']:.0f} / {med.get('peft eval unmerged', float('nan')):.0f} | "
             f"{med['peftkit eval merged']:.0f} / {med.get('peft eval merged', float('nan')):.0f} | {med['plain eval']:.0f} | "
-            f"{rat['unmerged vs merged']} | {rat['merged vs plain']} | "
+            f"{rat['unmerged vs merged']} | {rat['merged vs plain']} | {rat.get('plain vs plain', '-')} | "
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for section in ("io", "scale", "fish", "compile"):
         if section in results:
@@ -469,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "train vs peft": ratio("peftkit train", "peft train"), "train vs floor": ratio("peftkit train", "frozen floor train"),
             "unmerged vs merged": ratio("peftkit eval unmerged", "peftkit eval merged"),
             "merged vs plain": ratio("peftkit eval merged", "plain eval"),
+            "plain vs plain": ratio("plain eval (2nd copy)", "plain eval"),
             "peft unmerged vs merged": ratio("peft eval unmerged", "peft eval merged")}}
         libs = ["peftkit"] + (["peft"] if rows(a.smoke)[row][2] is not None else [])
         if not a.smoke:  # peak RSS needs its own processes; the smoke run only proves the code runs

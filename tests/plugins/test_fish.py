@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,40 @@ def _data(tiny: TinyModel, n: int = 8) -> list:
 def test_vectorised_fisher_equals_the_loop(tiny: TinyModel) -> None:
     model = tiny.fresh()
     data = _data(tiny)
-    fast = peftkit.fisher_information(model, data, samples=8, progress=False)
+    fast = peftkit.fisher_information(model, data, samples=8, vectorize=True, progress=False)
     slow = peftkit.fisher_information(model, data, samples=8, vectorize=False, progress=False)
     assert fast.keys() == slow.keys() == {n for n, _ in model.named_parameters()}
     for n in fast:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
     assert model.training  # mode restored
+
+
+class _NeedsItem(nn.Module):  # .item() in forward: torch.func.vmap cannot take it
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (1.0 if x.sum().item() > -1e9 else 0.0)
+
+
+@pytest.mark.parametrize("model", ["vmap works", "vmap fails"])
+def test_auto_vectorize_times_both_ways_and_counts_every_sample_once(model: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)) if model == "vmap works" else _NeedsItem()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(13, 4, generator=g), torch.randint(0, 3, (13,), generator=g))]  # probe (10) + 3 more
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the automatic choice falls back silently
+        auto = peftkit.fisher_information(net, data, samples=13, progress=False)
+    loop = peftkit.fisher_information(net, data, samples=13, vectorize=False, progress=False)
+    for n in loop:
+        torch.testing.assert_close(auto[n], loop[n], rtol=1e-4, atol=1e-9)
+
+
+def test_bad_vectorize_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="vectorize"):
+        peftkit.fisher_information(nn.Linear(2, 2), [torch.randn(2, 2)], vectorize="fast", progress=False)
 
 
 def test_fisher_does_not_depend_on_batch_composition() -> None:

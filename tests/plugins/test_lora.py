@@ -252,12 +252,12 @@ def test_dropout_trains_in_output_space() -> None:
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("nd", [1, 2])
 def test_conv_training_fold_gives_autograd_gradients(groups: int, nd: int) -> None:
-    conv = (nn.Conv1d if nd == 1 else nn.Conv2d)(32, 8, 3, stride=2, padding=1, groups=groups)
+    conv = (nn.Conv1d if nd == 1 else nn.Conv2d)(128, 8, 3, stride=2, padding=1, groups=groups)
     m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=4, alpha=2, init=False, bias="lora_only")
     a = _lora(m)
     with torch.no_grad():
         a.lora_bias.normal_()
-    x = torch.randn(2, 32, *([7] * nd), requires_grad=True)
+    x = torch.randn(2, 128, *([7] * nd), requires_grad=True)
     out = m(x)
     assert "LowRankGradient" in type(out.grad_fn).__name__
     out.pow(2).sum().backward()
@@ -274,8 +274,8 @@ def test_conv_training_fold_gives_autograd_gradients(groups: int, nd: int) -> No
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("conv", [nn.Conv2d(16, 8, 1), nn.Conv2d(3, 8, 7, stride=2, padding=3),
-                                  nn.Conv2d(16, 8, 3, padding="same"), nn.Conv2d(16, 8, 3, padding_mode="circular")])
+@pytest.mark.parametrize("conv", [nn.Conv2d(64, 8, 1), nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.Conv2d(32, 8, 3),
+                                  nn.Conv2d(64, 8, 3, padding="same"), nn.Conv2d(64, 8, 3, padding_mode="circular")])
 def test_convs_without_a_cheaper_fold_train_in_weight_space(conv: nn.Module) -> None:
     m = peftkit.wrap(nn.Sequential(conv), "lora", targets=["0"], r=2, init=False)
     x = torch.randn(2, conv.in_channels, 9, 9)

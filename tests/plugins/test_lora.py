@@ -121,17 +121,18 @@ def test_out_proj_alone_is_hosted_on_its_attention_module() -> None:
         torch.testing.assert_close(m(q, q, q)[0], out, rtol=1e-5, atol=1e-5)
 
 
+class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout (weight (in, out)), found by name
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
 def test_hf_conv1d_transposed_weight() -> None:
-    class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D: weight (in, out)
-        def __init__(self, nf: int, nx: int) -> None:
-            super().__init__()
-            self.nf = nf
-            self.weight = nn.Parameter(torch.randn(nx, nf))
-            self.bias = nn.Parameter(torch.zeros(nf))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.weight + self.bias
-
     net = nn.Sequential(Conv1D(5, 6))
     x = torch.randn(3, 6)
     m = peftkit.wrap(net, "lora", targets=["0"], r=2, init=False)
@@ -188,17 +189,6 @@ def test_bad_options_name_the_option(bad: dict) -> None:
 def test_unsupported_module_named_explicitly() -> None:
     with pytest.raises(TargetError, match="LayerNorm"):
         peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "lora", targets=["1"])
-
-
-class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout (weight (in, out)), found by name
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
 
 
 @pytest.mark.parametrize("layer", ["linear", "hf_conv1d", "trainable_base", "inplace_after"])

@@ -3,8 +3,8 @@
 ``F_i ~ E[(d loss / d theta_i)^2]`` over samples (Sung et al. 2021, "Training Neural Networks with
 Fixed Sparse Masks"). Per-sample gradients come from ``torch.func`` (``vmap(grad(...))`` around
 ``functional_call``, in chunks sized to a memory budget) or from one backward per sample, whichever
-measures faster on the first samples; the loop also serves models vmap cannot take. The model runs in eval mode, so
-BatchNorm statistics and dropout cannot make a sample's gradient depend on its batch.
+measures faster on the first samples; the loop also serves models vmap cannot take. The model runs
+in eval mode, so BatchNorm statistics and dropout cannot make a sample's gradient depend on its batch.
 """
 
 from __future__ import annotations
@@ -229,10 +229,11 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
                 vmap_part(part)
                 bar.update(_size(part))
                 return how
-            except Exception as exc:  # vmap cannot take every model; say which, once
-                warnings.warn(f"per-sample gradients could not be vectorised for {type(model).__name__} "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); using a per-sample "
-                              "loop instead", RuntimeWarning, stacklevel=3)
+            except Exception as exc:  # vmap cannot take every model; say which, once, if vmap was asked for
+                if vectorize is True:
+                    warnings.warn(f"per-sample gradients could not be vectorised for {type(model).__name__} "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); using a per-sample "
+                                  "loop instead", RuntimeWarning, stacklevel=3)
         loop_part(part)
         bar.update(_size(part))
         return "loop"

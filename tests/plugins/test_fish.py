@@ -51,9 +51,17 @@ def test_auto_vectorize_times_both_ways_and_counts_every_sample_once(model: str)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the automatic choice falls back silently
         auto = peftkit.fisher_information(net, data, samples=13, progress=False)
+        few = peftkit.fisher_information(net, data, samples=3, progress=False)  # too few to time: vmap, else the loop
     loop = peftkit.fisher_information(net, data, samples=13, vectorize=False, progress=False)
     for n in loop:
         torch.testing.assert_close(auto[n], loop[n], rtol=1e-4, atol=1e-9)
+    loop3 = peftkit.fisher_information(net, [(data[0][0][:3], data[0][1][:3])], samples=3, vectorize=False,
+                                       progress=False)
+    for n in loop3:
+        torch.testing.assert_close(few[n], loop3[n], rtol=1e-4, atol=1e-9)
+    if model == "vmap fails":
+        with pytest.warns(RuntimeWarning, match="could not be vectorised"):  # asked for vmap: say why it is not used
+            peftkit.fisher_information(net, data, samples=3, vectorize=True, progress=False)
 
 
 def test_bad_vectorize_value_is_named() -> None:

@@ -111,8 +111,10 @@ class _LowRankGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-        ctx.save_for_backward(x2, x2 @ A.t(), B)  # x2 is the caller's input (a view), x A^T is (tokens, r)
+        x2 = x.reshape(-1, x.shape[-1])  # the caller's input (a view), saved as it is
+        with torch.autocast(x.device.type, enabled=False):  # the factors' dtype, also under autocast
+            xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
+        ctx.save_for_backward(x2, xa, B)
         ctx.scale, ctx.has_bias = scale, bias is not None
         return output.detach()  # an alias, not the input as-is: autograd would treat that as a view, refusing in-place ops
 
@@ -122,7 +124,7 @@ class _LowRankGradient(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)
         grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[2]:
-            grad_a = torch.mm((g2 @ B).t(), x2).mul_(ctx.scale)  # (r, in)
+            grad_a = torch.mm((g2 @ B).t(), x2.to(B.dtype)).mul_(ctx.scale)  # (r, in)
         if ctx.needs_input_grad[3]:
             grad_b = torch.mm(xa.t(), g2).t().mul_(ctx.scale)  # (out, r); xa^T g reads g row-major
         if ctx.has_bias and ctx.needs_input_grad[4]:
@@ -138,10 +140,10 @@ class _ConvLowRankGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 bias: torch.Tensor | None, scale: float, conv: nn.Module) -> torch.Tensor:
-        x = x.to(A.dtype)
         nd = A.dim() - 2
-        h = _CONV_FN[nd](x, A, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        ctx.save_for_backward(x, h, A, B)
+        with torch.autocast(x.device.type, enabled=False):  # the factors' dtype, also under autocast
+            h = _CONV_FN[nd](x.to(A.dtype), A, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.save_for_backward(x, h, A, B)  # x as the caller passed it
         ctx.scale, ctx.has_bias = scale, bias is not None
         ctx.conv = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         return output.detach()  # see _LowRankGradient
@@ -159,7 +161,7 @@ class _ConvLowRankGradient(torch.autograd.Function):
                 g2, h, B, None, one, zero, one, False, zero, groups, [True, ctx.needs_input_grad[3], False])
             if ctx.needs_input_grad[2]:
                 grad_a = torch.ops.aten.convolution_backward(
-                    g_h, x, A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
+                    g_h, x.to(A.dtype), A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
                 grad_a = grad_a.mul_(ctx.scale)
             if grad_b is not None:
                 grad_b = grad_b.mul_(ctx.scale)

@@ -273,3 +273,29 @@ def test_convs_without_a_cheaper_fold_train_in_weight_space(conv: nn.Module) -> 
     assert "LowRankGradient" not in type(out.grad_fn).__name__
     out.sum().backward()
     assert _lora(m).lora_A.grad is not None
+
+
+def test_training_fold_under_autocast_gives_float32_gradients() -> None:
+    """Under bf16 autocast the folded layers run in bf16, and the factors' gradients stay close to
+    the float32 ones, in float32."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
+    m = peftkit.wrap(net, "lora", r=4, init=False, targets=["0", "2"])
+    x = torch.randn(4, 64, 4, 4)
+    seen = []
+    for layer in (net[0], net[2]):  # registered after peftkit's hooks: sees the adapted output
+        layer.register_forward_hook(lambda mod, args, out: seen.append(type(out.grad_fn).__name__))
+
+    def grads(autocast: bool) -> list[torch.Tensor]:
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(x)
+        assert all("LowRankGradient" in name for name in seen) and len(seen) == 2
+        seen.clear()
+        out.float().pow(2).sum().backward()
+        return [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    full, mixed = grads(False), grads(True)
+    for f, b in zip(full, mixed, strict=True):
+        assert b.dtype == torch.float32
+        assert (b - f).norm() <= 0.05 * f.norm()

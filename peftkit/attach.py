@@ -65,9 +65,9 @@ class Entry:
         only use the delta."""
         a = self.adapter
         assert a is not None
-        training = grad and any(p.requires_grad for p in a.parameters())
         if self.prefix:
             return "delta"
+        training = grad and any(p.requires_grad for p in a.parameters())
         if training and a.has_delta and a.folds_in_training(self.target):
             return "fold"
         if not a.has_transform:

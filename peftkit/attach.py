@@ -4,7 +4,9 @@ One :class:`Slot` per *host* module (the module whose forward reads the adapted 
 host runs, weight-space contributions are substituted for its tensors (``W + delta``, or a ``train``
 module's own copies); after it runs, output-space transforms are applied and the original tensors
 are put back (also when the forward raises). The backbone's module tree, classes and
-``state_dict()`` keys never change.
+``state_dict()`` keys never change. A host one of whose adapters can stand in for its forward
+(:meth:`~peftkit.Adapter.stand_in`) also gets an instance-level ``forward`` that defers to the
+class's own except on the calls the adapter takes; it is removed with the hooks.
 """
 
 from __future__ import annotations
@@ -78,6 +80,23 @@ class Entry:
             return "delta"
         return "transform" if training else "delta"
 
+    def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this adapter computes the host's whole output for this call (training only, on a
+        target that is its own host, where the adapter offers :meth:`~peftkit.Adapter.stand_in`)."""
+        a = self.adapter
+        if a is None or self.prefix or not grad or type(a).stand_in is Adapter.stand_in:
+            return False
+        return any(p.requires_grad for p in a.parameters()) and a.stands_in(self.target, args, kwargs)
+
+
+@dataclass
+class Frame:
+    """One call of a host: the tensors substituted for it, and the entry standing in for its forward."""
+
+    saved: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    stand_in: Entry | None = None
+    taken: bool = False  # the stand-in ran (once: a nested call of the same host runs normally)
+
 
 def tensor_slot(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
     """The dict (``_parameters`` or ``_buffers``) holding tensor ``name`` (dotted) and its key."""
@@ -106,17 +125,51 @@ class Slot:
         self.fired = False
         self.cache = True  # keep no-grad substitutions (W + delta) until an adapter or base tensor changes
         self._cached: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]] | None = None
-        self._saved: list[list[tuple[dict[str, Any], str, Any]]] = []
+        self._frames: list[Frame] = []  # a stack: a host may be called again inside its own forward
+        self._inner_forward: Any = None  # an instance-level forward that was there before ours (accelerate's)
+        self._forward_installed = False
         self._handles = [
             host.register_forward_pre_hook(self._pre, with_kwargs=True),
             host.register_forward_hook(self._post, with_kwargs=True),
             host.register_forward_hook(self._restore, always_call=True),
         ]
 
+    def add(self, entry: Entry) -> None:
+        """Attach one more entry; an adapter that can stand in for the host's forward gets the hook for it."""
+        self.entries.append(entry)
+        a = entry.adapter
+        if a is not None and not entry.prefix and type(a).stand_in is not Adapter.stand_in:
+            self._install_forward()
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._forward_installed:
+            if self.host.__dict__.get("forward") == self._forward:  # nobody wrapped it after us
+                if self._inner_forward is None:
+                    del self.host.__dict__["forward"]
+                else:
+                    self.host.forward = self._inner_forward
+            self._forward_installed = False
+
+    def _install_forward(self) -> None:
+        # The one thing a hook cannot do is skip the host's forward: an instance attribute can. A
+        # bound method (not a closure) so that deepcopy and pickle copy the slot with the module.
+        if self._forward_installed:
+            return
+        self._inner_forward = self.host.__dict__.get("forward")
+        self.host.forward = self._forward
+        self._forward_installed = True
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        frame = self._frames[-1] if self._frames else None
+        if frame is not None and frame.stand_in is not None and not frame.taken:
+            frame.taken = True
+            return frame.stand_in.adapter.stand_in(frame.stand_in.target, args, kwargs)  # type: ignore[union-attr]
+        if self._inner_forward is not None:
+            return self._inner_forward(*args, **kwargs)
+        return type(self.host).forward(self.host, *args, **kwargs)
 
     def substitutions(self, entries: list[Entry], grad: bool) -> dict[str, torch.Tensor]:
         """Tensor name (relative to the host) -> the tensor to use in its place, for this call."""
@@ -166,23 +219,26 @@ class Slot:
 
     def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.fired = True
+        frame = Frame()
+        self._frames.append(frame)
         entries = self._live()
         if not entries:
-            self._saved.append([])
             return
         grad = torch.is_grad_enabled()
+        if self._forward_installed and host.__dict__.get("forward") == self._forward:
+            frame.stand_in = next((e for e in entries if e.stands_in(grad, args, kwargs)), None)
+            entries = [e for e in entries if e is not frame.stand_in]  # it applies its own delta
         subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad)
-        saved = []
         for name, tensor in subs.items():
             store, key = tensor_slot(host, name)
-            saved.append((store, key, store[key]))
+            frame.saved.append((store, key, store[key]))
             store[key] = tensor
-        self._saved.append(saved)
 
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         grad = torch.is_grad_enabled()
+        skip = self._frames[-1].stand_in if self._frames else None
         for e in self._live():
-            if e.adapter is None:
+            if e.adapter is None or e is skip:
                 continue
             form = e.form(grad)
             if form == "transform":
@@ -192,8 +248,8 @@ class Slot:
         return output
 
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:
-        if self._saved:
-            for store, key, original in reversed(self._saved.pop()):
+        if self._frames:
+            for store, key, original in reversed(self._frames.pop().saved):
                 store[key] = original
 
 

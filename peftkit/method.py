@@ -141,6 +141,27 @@ class Adapter(nn.Module):
         """Whether :meth:`fold_gradient` applies to ``module`` now (default: when it is implemented)."""
         return type(self).fold_gradient is not Adapter.fold_gradient
 
+    def stand_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Training form "stand-in" (optional): compute the target's whole output with this adapter
+        applied, in place of the target's own forward. For a target that reads the adapted weights
+        where no hook reaches their input and output gradient (``nn.MultiheadAttention`` runs its
+        projections inside one functional call), so that the weight-space form would cost a full
+        weight gradient. Called instead of the target's ``forward`` while training, on the calls
+        :meth:`stands_in` accepts; the target's tensors already carry the other adapters'
+        substitutions, and this adapter adds its own delta.
+
+        Args:
+            module: The target module (frozen); always its own host.
+            args: Positional inputs the target was called with.
+            kwargs: Keyword inputs the target was called with.
+        """
+        raise NotImplementedError
+
+    def stands_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether :meth:`stand_in` takes this call (e.g. only the input layouts it implements; the
+        others run the target's own forward with the weight-space form). Default: every call."""
+        return True
+
     @property
     def has_transform(self) -> bool:
         """Whether this adapter implements the output-space form."""

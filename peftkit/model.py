@@ -418,7 +418,7 @@ class AdaptedModel(nn.Module):
             if host not in self._slots:
                 self._slots[host] = Slot(base.get_submodule(host), self._state)
                 self._unchecked.add(host)
-            self._slots[host].entries.append(entry)
+            self._slots[host].add(entry)
         self.peft_adapters[name] = mods
         self._records[name] = _Record(prepared.method, prepared.info, mods, cache=dict(prepared.cache))
         for p in mods.parameters():

@@ -18,7 +18,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.method import Delta, LowRankDelta
+from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
 from peftkit.targets import find_output_layer, matches
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -300,10 +300,43 @@ class EmbeddingLoRA(peftkit.Adapter):
         return {"weight": LowRankDelta(self.lora_A.T, self.lora_B.T, self.scale)}  # (num, dim)
 
 
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+_MHA_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
+                 "is_causal": False}
+
+
+def _mha_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """nn.MultiheadAttention.forward's arguments by name."""
+    call = dict(_MHA_DEFAULTS)
+    call.update(zip(_MHA_ARGS, args, strict=False))  # stands_in refuses extra positionals
+    call.update(kwargs)
+    return call
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = not allowed to attend) as an additive float mask, as the module makes it."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, part: LowRank) -> torch.Tensor:
+    """``F.linear`` with ``part``'s delta folded into the weight, carrying its fold gradient."""
+    w = add_delta(weight, detach_delta(part.weight_delta()))
+    if part.lora_bias is not None:
+        bias = part.lora_bias.detach() if bias is None else bias + part.lora_bias.detach()
+    out = F.linear(x, w, bias)
+    return _LowRankGradient.apply(out, x, part.lora_A, part.lora_B, part.lora_bias, part.scale)
+
+
 class MultiheadAttentionLoRA(peftkit.Adapter):
     """LoRA on nn.MultiheadAttention: on its packed (or separate) in-projection and its out_proj.
 
-    The module reads these weights directly, so this adapter works in weight space only.
+    The module reads these weights directly, inside one functional call, so outside training this
+    adapter works in weight space. While training, on self-attention with the packed projection,
+    it stands in for the module's forward (:meth:`stand_in`): the same attention, with both
+    projections folded and LoRA's fold gradient, instead of two full weight gradients.
     """
 
     def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool) -> None:
@@ -329,6 +362,69 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
             if part.lora_bias is not None:
                 deltas["in_proj_bias" if name == "in_proj" else "out_proj.bias"] = part.lora_bias
         return deltas
+
+    def stands_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Batched self-attention (query is key is value) with the packed projection and no
+        ``bias_k``/``add_zero_attn``; bool or float masks of the shapes the module accepts. Any
+        other call runs the module itself, which also raises its own errors for bad inputs."""
+        m = module
+        if not hasattr(self, "in_proj") or m.bias_k is not None or m.add_zero_attn:
+            return False
+        if len(args) > len(_MHA_ARGS) or set(kwargs) - set(_MHA_ARGS):
+            return False
+        c = _mha_call(args, kwargs)
+        x = c["query"]
+        if not (isinstance(x, torch.Tensor) and x is c["key"] is c["value"] and x.dim() == 3 and not x.is_nested):
+            return False
+        n, length = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
+        am, kpm = c["attn_mask"], c["key_padding_mask"]
+        if c["is_causal"] and am is None:
+            return False  # the module's own error
+        ok_dtype = all(t is None or t.dtype == torch.bool or t.dtype == x.dtype for t in (am, kpm))
+        ok_am = am is None or tuple(am.shape) in ((length, length), (n * m.num_heads, length, length))
+        ok_kpm = kpm is None or tuple(kpm.shape) == (n, length)
+        return ok_dtype and ok_am and ok_kpm
+
+    def stand_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What ``F.multi_head_attention_forward`` computes for self-attention, with LoRA folded
+        into both projections (see :class:`_LowRankGradient`)."""
+        m = module
+        c = _mha_call(args, kwargs)
+        x = c["query"]
+        heads, E = m.num_heads, m.embed_dim
+        D = E // heads
+        n, length = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
+        qkv = _folded_linear(x, m.in_proj_weight, m.in_proj_bias, self.in_proj)  # x's layout, (..., 3E)
+        order = (0, 2, 1, 3) if m.batch_first else (1, 2, 0, 3)  # -> (n, heads, length, D)
+        q, k, v = (t.permute(order) for t in qkv.unflatten(-1, (3, heads, D)).unbind(-3))
+
+        need_weights, is_causal = c["need_weights"], c["is_causal"]
+        am, kpm = _additive_mask(c["attn_mask"], x.dtype), _additive_mask(c["key_padding_mask"], x.dtype)
+        if is_causal and kpm is None and not need_weights:
+            am = None  # the hint alone, as the module passes it to SDPA
+        else:
+            is_causal = False
+        if am is not None:
+            am = am.view(n, heads, length, length) if am.dim() == 3 else am
+        if kpm is not None:
+            kpm = kpm.view(n, 1, 1, length)
+            am = kpm if am is None else am + kpm
+        p = m.dropout if m.training else 0.0
+
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * math.sqrt(1.0 / D), k.transpose(-2, -1))
+            weights = torch.softmax(scores if am is None else scores + am, dim=-1)
+            if p > 0.0:
+                weights = F.dropout(weights, p=p)
+            attn = torch.matmul(weights, v)
+            if c["average_attn_weights"]:
+                weights = weights.mean(dim=1)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, am, p, is_causal)
+        attn = attn.transpose(1, 2) if m.batch_first else attn.permute(2, 0, 1, 3)
+        out = _folded_linear(attn.reshape(*attn.shape[:2], E), m.out_proj.weight, m.out_proj.bias, self.out_proj)
+        return out, weights
 
 
 class BiasDelta(peftkit.Adapter):

@@ -121,6 +121,99 @@ def test_out_proj_alone_is_hosted_on_its_attention_module() -> None:
         torch.testing.assert_close(m(q, q, q)[0], out, rtol=1e-5, atol=1e-5)
 
 
+_BOOL_MASK = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
+_PADDING = torch.tensor([[False, False, False, True], [False, False, False, False]])
+_CALLS = {
+    "no weights": {"need_weights": False},
+    "weights (default)": {},
+    "per-head weights": {"need_weights": True, "average_attn_weights": False},
+    "bool mask": {"attn_mask": _BOOL_MASK, "need_weights": False},
+    "float 3-D mask": {"attn_mask": torch.randn(4, 4, 4), "need_weights": False},
+    "padding": {"key_padding_mask": _PADDING, "need_weights": False},
+    "padding and mask, weights": {"attn_mask": _BOOL_MASK, "key_padding_mask": _PADDING},
+    "causal": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(4), "is_causal": True, "need_weights": False},
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("call", list(_CALLS))
+def test_attention_stand_in_equals_the_module_with_the_delta(batch_first: bool, call: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """While training, LoRA computes self-attention itself (both projections folded, no weight
+    gradients): outputs, attention weights, the input gradient and the factors' gradients equal
+    the module's own forward through ``W + delta`` with autograd."""
+    from peftkit_plugins.lora import MultiheadAttentionLoRA
+
+    kwargs = _CALLS[call]
+
+    def run(stand_in: bool) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(3)
+        mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        m = peftkit.wrap(mha, "lora", targets=[nn.MultiheadAttention], r=2, init=False, bias="lora_only")
+        a = m.peft_adapters["default"].adapters[0]
+        with torch.no_grad():
+            a.in_proj.lora_bias.normal_()
+        if not stand_in:
+            monkeypatch.setattr(MultiheadAttentionLoRA, "stands_in", lambda *args: False)
+        x = torch.randn((2, 4, 8) if batch_first else (4, 2, 8), requires_grad=True)
+        out, weights = m(x, x, x, **kwargs)
+        monkeypatch.undo()
+        assert ("LowRankGradient" in type(out.grad_fn).__name__) == stand_in
+        loss = out.pow(2).sum() + (0 if weights is None else weights.pow(2).sum())
+        loss.backward()
+        return out, weights, x.grad, *(p.grad for p in a.parameters())
+
+    got, want = run(True), run(False)
+    assert (got[1] is None) == ("need_weights" in kwargs and not kwargs["need_weights"])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_stand_in_is_training_only_and_leaves_with_the_adapter() -> None:
+    """The stand-in takes self-attention calls while training; cross-attention and inference run
+    the module itself. Deep copies train their own adapter; unwrap removes the instance forward."""
+    import copy
+
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    m = peftkit.wrap(nn.Sequential(mha), "lora", targets=[nn.MultiheadAttention], r=2, init=False)
+    x, kv = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    out = mha(x, x, x, need_weights=False)[0]
+    assert "LowRankGradient" in type(out.grad_fn).__name__
+    assert "LowRankGradient" not in type(mha(x, kv, kv)[0].grad_fn).__name__  # cross-attention: the module
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, x, x, need_weights=False)[0], out, rtol=1e-5, atol=1e-5)
+
+    twin = copy.deepcopy(m)
+    twin_mha = twin.base_model.get_submodule("0")
+    twin_mha(x, x, x, need_weights=False)[0].sum().backward()
+    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in m.parameters() if p.requires_grad)  # the original was not touched
+
+    assert "forward" in vars(mha)
+    m.unwrap()
+    assert "forward" not in vars(mha)
+    assert "LowRankGradient" not in type(mha(x, x, x)[0].grad_fn).__name__
+
+
+def test_attention_stand_in_keeps_an_instance_forward_that_was_there() -> None:
+    """A forward already replaced on the instance (as accelerate's hooks do) still runs on the
+    calls the stand-in does not take, and is put back by unwrap."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    calls = []
+
+    def theirs(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return type(mha).forward(mha, *args, **kwargs)
+
+    mha.forward = theirs
+    m = peftkit.wrap(nn.Sequential(mha), "lora", targets=[nn.MultiheadAttention], r=2)
+    x, kv = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mha(x, kv, kv)
+    assert calls == [1]
+    m.unwrap()
+    assert mha.forward is theirs
+
+
 class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout (weight (in, out)), found by name
     def __init__(self, nf: int, nx: int) -> None:
         super().__init__()

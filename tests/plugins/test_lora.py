@@ -169,6 +169,31 @@ def test_attention_stand_in_equals_the_module_with_the_delta(batch_first: bool, 
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_stand_in_composes_with_a_second_active_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two active adapters on one attention module: the first stands in, reading the module's
+    in-projection with the second's delta already substituted; gradients equal the weight form's."""
+    from peftkit_plugins.lora import MultiheadAttentionLoRA
+
+    def run(stand_in: bool) -> list[torch.Tensor]:
+        torch.manual_seed(4)
+        mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        m = peftkit.wrap(mha, "lora", targets=[nn.MultiheadAttention], r=2, init=False)
+        m.add_adapter("second", "lora", targets=[nn.MultiheadAttention], r=3, init=False)
+        m.set_adapter(["default", "second"])
+        if not stand_in:
+            monkeypatch.setattr(MultiheadAttentionLoRA, "stands_in", lambda *args: False)
+        x = torch.randn(2, 4, 8)
+        out = m(x, x, x, need_weights=False)[0]
+        monkeypatch.undo()
+        out.pow(2).sum().backward()
+        return [out, *(p.grad for p in m.parameters() if p.requires_grad)]
+
+    got, want = run(True), run(False)
+    assert len(got) == 1 + 2 * 4
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_stand_in_is_training_only_and_leaves_with_the_adapter() -> None:
     """The stand-in takes self-attention calls while training; cross-attention and inference run
     the module itself. Deep copies train their own adapter; unwrap removes the instance forward."""

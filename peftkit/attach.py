@@ -94,6 +94,7 @@ class Frame:
     """One call of a host: the tensors substituted for it, and the entry standing in for its forward."""
 
     saved: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    after: list[tuple[Entry, str]] = field(default_factory=list)  # entries applied after the forward, and how
     stand_in: Entry | None = None
     taken: bool = False  # the stand-in ran (once: a nested call of the same host runs normally)
 
@@ -171,14 +172,15 @@ class Slot:
             return self._inner_forward(*args, **kwargs)
         return type(self.host).forward(self.host, *args, **kwargs)
 
-    def substitutions(self, entries: list[Entry], grad: bool) -> dict[str, torch.Tensor]:
-        """Tensor name (relative to the host) -> the tensor to use in its place, for this call."""
+    def substitutions(self, entries: list[Entry], grad: bool, forms: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensor name (relative to the host) -> the tensor to use in its place, for this call
+        (``forms``: each adapter entry's :meth:`Entry.form`, when the caller has them)."""
         subs: dict[str, torch.Tensor] = {}
-        for e in entries:
+        for i, e in enumerate(entries):
             if e.replacement is not None:
                 tensors = dict(replacement_tensors(e.replacement))
                 subs.update(tensors if e.mapping is None else {h: tensors[c] for h, c in e.mapping.items()})
-            elif (form := e.form(grad)) != "transform":
+            elif (form := forms[i] if forms is not None else e.form(grad)) != "transform":
                 with torch.set_grad_enabled(grad and form == "delta"):
                     deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
                 for name, d in (deltas or {}).items():
@@ -228,23 +230,20 @@ class Slot:
         if self._forward_installed and host.__dict__.get("forward") == self._forward:
             frame.stand_in = next((e for e in entries if e.stands_in(grad, args, kwargs)), None)
             entries = [e for e in entries if e is not frame.stand_in]  # it applies its own delta
-        subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad)
+        forms = [e.form(grad) if e.adapter is not None else "" for e in entries]  # once per call, for both hooks
+        subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad, forms)
+        frame.after = [(e, f) for e, f in zip(entries, forms, strict=True) if f in ("transform", "fold")]
         for name, tensor in subs.items():
             store, key = tensor_slot(host, name)
             frame.saved.append((store, key, store[key]))
             store[key] = tensor
 
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        grad = torch.is_grad_enabled()
-        skip = self._frames[-1].stand_in if self._frames else None
-        for e in self._live():
-            if e.adapter is None or e is skip:
-                continue
-            form = e.form(grad)
+        for e, form in self._frames[-1].after if self._frames else ():
             if form == "transform":
-                output = e.adapter.transform(e.target, args, kwargs, output)
+                output = e.adapter.transform(e.target, args, kwargs, output)  # type: ignore[union-attr]
             elif form == "fold":
-                output = e.adapter.fold_gradient(e.target, args, kwargs, output)
+                output = e.adapter.fold_gradient(e.target, args, kwargs, output)  # type: ignore[union-attr]
         return output
 
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:

@@ -196,8 +196,10 @@ def test_attention_stand_in_composes_with_a_second_active_adapter(monkeypatch: p
 
 def test_attention_stand_in_is_training_only_and_leaves_with_the_adapter() -> None:
     """The stand-in takes self-attention calls while training; cross-attention and inference run
-    the module itself. Deep copies train their own adapter; unwrap removes the instance forward."""
+    the module itself. Deep copies and pickled copies train their own adapter; unwrap removes the
+    instance forward."""
     import copy
+    import pickle
 
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     m = peftkit.wrap(nn.Sequential(mha), "lora", targets=[nn.MultiheadAttention], r=2, init=False)
@@ -208,11 +210,12 @@ def test_attention_stand_in_is_training_only_and_leaves_with_the_adapter() -> No
     with torch.no_grad():
         torch.testing.assert_close(mha(x, x, x, need_weights=False)[0], out, rtol=1e-5, atol=1e-5)
 
-    twin = copy.deepcopy(m)
-    twin_mha = twin.base_model.get_submodule("0")
-    twin_mha(x, x, x, need_weights=False)[0].sum().backward()
-    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
-    assert all(p.grad is None for p in m.parameters() if p.requires_grad)  # the original was not touched
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # torch.save of a whole model pickles it
+        twin_out = twin.base_model.get_submodule("0")(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(twin_out, out)
+        twin_out.sum().backward()
+        assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
+        assert all(p.grad is None for p in m.parameters() if p.requires_grad)  # the original was not touched
 
     assert "forward" in vars(mha)
     m.unwrap()

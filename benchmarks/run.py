@@ -429,6 +429,8 @@ def report(results: dict[str, Any]) -> str:
             f"{med['peftkit eval merged']:.0f} / {med.get('peft eval merged', float('nan')):.0f} | {med['plain eval']:.0f} | "
             f"{rat['unmerged vs merged']} | {rat['merged vs plain']} | {rat.get('plain vs plain', '-')} | "
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
+    for note in results.get("notes", []):  # e.g. a row measured again, and why
+        lines += ["", f"Note: {note}"]
     for section in ("io", "scale", "fish", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"

@@ -69,7 +69,7 @@ class Entry:
         assert a is not None
         if self.prefix:
             return "delta"
-        training = grad and any(p.requires_grad for p in a.parameters())
+        training = self.trains(grad)
         if training and a.has_delta and a.folds_in_training(self.target):
             return "fold"
         if not a.has_transform:
@@ -80,13 +80,17 @@ class Entry:
             return "delta"
         return "transform" if training else "delta"
 
+    def trains(self, grad: bool) -> bool:
+        """Whether the adapter trains on this call: autograd on and some parameter of it trainable."""
+        return grad and self.adapter is not None and any(p.requires_grad for p in self.adapter.parameters())
+
     def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this adapter computes the host's whole output for this call (training only, on a
         target that is its own host, where the adapter offers :meth:`~peftkit.Adapter.stand_in`)."""
         a = self.adapter
-        if a is None or self.prefix or not grad or type(a).stand_in is Adapter.stand_in:
+        if a is None or self.prefix or not a.has_stand_in:
             return False
-        return any(p.requires_grad for p in a.parameters()) and a.stands_in(self.target, args, kwargs)
+        return self.trains(grad) and a.stands_in(self.target, args, kwargs)
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Slot:
         """Attach one more entry; an adapter that can stand in for the host's forward gets the hook for it."""
         self.entries.append(entry)
         a = entry.adapter
-        if a is not None and not entry.prefix and type(a).stand_in is not Adapter.stand_in:
+        if a is not None and not entry.prefix and a.has_stand_in:
             self._install_forward()
 
     def remove(self) -> None:

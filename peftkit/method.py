@@ -168,6 +168,11 @@ class Adapter(nn.Module):
         return type(self).transform is not Adapter.transform
 
     @property
+    def has_stand_in(self) -> bool:
+        """Whether this adapter implements the stand-in form (:meth:`stand_in`)."""
+        return type(self).stand_in is not Adapter.stand_in
+
+    @property
     def has_delta(self) -> bool:
         """Whether this adapter has a weight-space form (override when only some instances do)."""
         return type(self).delta is not Adapter.delta

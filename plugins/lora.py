@@ -18,7 +18,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
+from peftkit.method import Delta, LowRankDelta, add_delta
 from peftkit.targets import find_output_layer, matches
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -321,22 +321,29 @@ def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
-def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, part: LowRank) -> torch.Tensor:
-    """``F.linear`` with ``part``'s delta folded into the weight, carrying its fold gradient."""
-    w = add_delta(weight, detach_delta(part.weight_delta()))
-    if part.lora_bias is not None:
-        bias = part.lora_bias.detach() if bias is None else bias + part.lora_bias.detach()
+def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, part: LowRank,
+                   rows: slice = slice(None)) -> torch.Tensor:
+    """``F.linear`` with ``part``'s delta folded into the weight, carrying its fold gradient; ``rows``:
+    the block of the (packed) weight that this projection uses."""
+    whole = rows == slice(None)
+    B = part.lora_B if whole else part.lora_B[rows]  # a view: its gradient lands in lora_B's rows
+    lora_bias = part.lora_bias if whole or part.lora_bias is None else part.lora_bias[rows]
+    w = add_delta(weight if whole else weight[rows], LowRankDelta(B.detach(), part.lora_A.detach(), part.scale))
+    if bias is not None and not whole:
+        bias = bias[rows]
+    if lora_bias is not None:
+        bias = lora_bias.detach() if bias is None else bias + lora_bias.detach()
     out = F.linear(x, w, bias)
-    return _LowRankGradient.apply(out, x, part.lora_A, part.lora_B, part.lora_bias, part.scale)
+    return _LowRankGradient.apply(out, x, part.lora_A, B, lora_bias, part.scale)
 
 
 class MultiheadAttentionLoRA(peftkit.Adapter):
     """LoRA on nn.MultiheadAttention: on its packed (or separate) in-projection and its out_proj.
 
     The module reads these weights directly, inside one functional call, so outside training this
-    adapter works in weight space. While training, on self-attention with the packed projection,
-    it stands in for the module's forward (:meth:`stand_in`): the same attention, with both
-    projections folded and LoRA's fold gradient, instead of two full weight gradients.
+    adapter works in weight space. While training, with the packed projection, it stands in for
+    the module's forward (:meth:`stand_in`): the same attention, with both projections folded
+    and LoRA's fold gradient, instead of two full weight gradients.
     """
 
     def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool) -> None:
@@ -364,39 +371,54 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         return deltas
 
     def stands_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Batched self-attention (query is key is value) with the packed projection and no
-        ``bias_k``/``add_zero_attn``; bool or float masks of the shapes the module accepts. Any
-        other call runs the module itself, which also raises its own errors for bad inputs."""
+        """Batched attention with the packed projection (self-attention, or cross-attention with
+        ``key`` and ``value`` from one batch) and no ``bias_k``/``add_zero_attn``; bool or float
+        masks of the shapes the module accepts. Any other call runs the module itself, which also
+        raises its own errors for bad inputs."""
         m = module
         if not hasattr(self, "in_proj") or m.bias_k is not None or m.add_zero_attn:
             return False
         if len(args) > len(_MHA_ARGS) or set(kwargs) - set(_MHA_ARGS):
             return False
         c = _mha_call(args, kwargs)
-        x = c["query"]
-        if not (isinstance(x, torch.Tensor) and x is c["key"] is c["value"] and x.dim() == 3 and not x.is_nested):
+        q, k, v = c["query"], c["key"], c["value"]
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_nested and t.shape[-1] == m.embed_dim
+                   for t in (q, k, v)):
             return False
-        n, length = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
+        batch = 0 if m.batch_first else 1
+        n, length, source = q.shape[batch], q.shape[1 - batch], k.shape[1 - batch]
+        if k.shape != v.shape or k.shape[batch] != n:
+            return False
         am, kpm = c["attn_mask"], c["key_padding_mask"]
         if c["is_causal"] and am is None:
             return False  # the module's own error
-        ok_dtype = all(t is None or t.dtype == torch.bool or t.dtype == x.dtype for t in (am, kpm))
-        ok_am = am is None or tuple(am.shape) in ((length, length), (n * m.num_heads, length, length))
-        ok_kpm = kpm is None or tuple(kpm.shape) == (n, length)
+        ok_dtype = all(t is None or t.dtype == torch.bool or t.dtype == q.dtype for t in (am, kpm))
+        ok_am = am is None or tuple(am.shape) in ((length, source), (n * m.num_heads, length, source))
+        ok_kpm = kpm is None or tuple(kpm.shape) == (n, source)
         return ok_dtype and ok_am and ok_kpm
 
     def stand_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """What ``F.multi_head_attention_forward`` computes for self-attention, with LoRA folded
-        into both projections (see :class:`_LowRankGradient`)."""
+        """What ``F.multi_head_attention_forward`` computes, with LoRA folded into both projections
+        (see :class:`_LowRankGradient`): one packed in-projection for self-attention, else one per
+        distinct input, on its rows of the packed weight."""
         m = module
         c = _mha_call(args, kwargs)
-        x = c["query"]
+        x, key, value = c["query"], c["key"], c["value"]
         heads, E = m.num_heads, m.embed_dim
         D = E // heads
-        n, length = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
-        qkv = _folded_linear(x, m.in_proj_weight, m.in_proj_bias, self.in_proj)  # x's layout, (..., 3E)
+        batch = 0 if m.batch_first else 1
+        n, length, source = x.shape[batch], x.shape[1 - batch], key.shape[1 - batch]
+        w, b = m.in_proj_weight, m.in_proj_bias
+        if x is key is value:
+            q, k, v = _folded_linear(x, w, b, self.in_proj).unflatten(-1, (3, heads, D)).unbind(-3)
+        elif key is value:
+            q = _folded_linear(x, w, b, self.in_proj, slice(0, E)).unflatten(-1, (heads, D))
+            k, v = _folded_linear(key, w, b, self.in_proj, slice(E, 3 * E)).unflatten(-1, (2, heads, D)).unbind(-3)
+        else:
+            q, k, v = (_folded_linear(t, w, b, self.in_proj, slice(i * E, (i + 1) * E)).unflatten(-1, (heads, D))
+                       for i, t in enumerate((x, key, value)))
         order = (0, 2, 1, 3) if m.batch_first else (1, 2, 0, 3)  # -> (n, heads, length, D)
-        q, k, v = (t.permute(order) for t in qkv.unflatten(-1, (3, heads, D)).unbind(-3))
+        q, k, v = q.permute(order), k.permute(order), v.permute(order)
 
         need_weights, is_causal = c["need_weights"], c["is_causal"]
         am, kpm = _additive_mask(c["attn_mask"], x.dtype), _additive_mask(c["key_padding_mask"], x.dtype)
@@ -405,9 +427,9 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         else:
             is_causal = False
         if am is not None:
-            am = am.view(n, heads, length, length) if am.dim() == 3 else am
+            am = am.view(n, heads, length, source) if am.dim() == 3 else am
         if kpm is not None:
-            kpm = kpm.view(n, 1, 1, length)
+            kpm = kpm.view(n, 1, 1, source)
             am = kpm if am is None else am + kpm
         p = m.dropout if m.training else 0.0
 

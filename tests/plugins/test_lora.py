@@ -121,30 +121,37 @@ def test_out_proj_alone_is_hosted_on_its_attention_module() -> None:
         torch.testing.assert_close(m(q, q, q)[0], out, rtol=1e-5, atol=1e-5)
 
 
-_BOOL_MASK = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
-_PADDING = torch.tensor([[False, False, False, True], [False, False, False, False]])
-_CALLS = {
-    "no weights": {"need_weights": False},
-    "weights (default)": {},
-    "per-head weights": {"need_weights": True, "average_attn_weights": False},
-    "bool mask": {"attn_mask": _BOOL_MASK, "need_weights": False},
-    "float 3-D mask": {"attn_mask": torch.randn(4, 4, 4), "need_weights": False},
-    "padding": {"key_padding_mask": _PADDING, "need_weights": False},
-    "padding and mask, weights": {"attn_mask": _BOOL_MASK, "key_padding_mask": _PADDING},
-    "causal": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(4), "is_causal": True, "need_weights": False},
-}
+def _attention_calls(length: int, source: int) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(length, source, generator=g) > 0.6
+    mask[:, 0] = False  # every query sees at least one key
+    padding = torch.zeros(2, source, dtype=torch.bool)
+    padding[0, -1] = True
+    return {
+        "no weights": {"need_weights": False},
+        "weights (default)": {},
+        "per-head weights": {"need_weights": True, "average_attn_weights": False},
+        "bool mask": {"attn_mask": mask, "need_weights": False},
+        "float 3-D mask": {"attn_mask": torch.randn(2 * 2, length, source, generator=g), "need_weights": False},
+        "padding": {"key_padding_mask": padding, "need_weights": False},
+        "padding and mask, weights": {"attn_mask": mask, "key_padding_mask": padding},
+        "causal": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(length)[:, :source], "is_causal": True,
+                   "need_weights": False},
+    }
 
 
+@pytest.mark.parametrize("kind", ["self", "cross", "key and value apart"])
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("call", list(_CALLS))
-def test_attention_stand_in_equals_the_module_with_the_delta(batch_first: bool, call: str,
+@pytest.mark.parametrize("call", list(_attention_calls(4, 4)))
+def test_attention_stand_in_equals_the_module_with_the_delta(kind: str, batch_first: bool, call: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """While training, LoRA computes self-attention itself (both projections folded, no weight
-    gradients): outputs, attention weights, the input gradient and the factors' gradients equal
+    """While training, LoRA computes the attention itself (both projections folded, no weight
+    gradients): outputs, attention weights, the input gradients and the factors' gradients equal
     the module's own forward through ``W + delta`` with autograd."""
     from peftkit_plugins.lora import MultiheadAttentionLoRA
 
-    kwargs = _CALLS[call]
+    length, source = 4, (4 if kind == "self" or call == "causal" else 6)
+    kwargs = _attention_calls(length, source)[call]
 
     def run(stand_in: bool) -> tuple[torch.Tensor, ...]:
         torch.manual_seed(3)
@@ -155,13 +162,17 @@ def test_attention_stand_in_equals_the_module_with_the_delta(batch_first: bool, 
             a.in_proj.lora_bias.normal_()
         if not stand_in:
             monkeypatch.setattr(MultiheadAttentionLoRA, "stands_in", lambda *args: False)
-        x = torch.randn((2, 4, 8) if batch_first else (4, 2, 8), requires_grad=True)
-        out, weights = m(x, x, x, **kwargs)
+        shape = (lambda t: (2, t, 8)) if batch_first else (lambda t: (t, 2, 8))
+        x = torch.randn(shape(length), requires_grad=True)
+        key = x if kind == "self" else torch.randn(shape(source), requires_grad=True)
+        value = torch.randn(shape(source), requires_grad=True) if kind == "key and value apart" else key
+        out, weights = m(x, key, value, **kwargs)
         monkeypatch.undo()
         assert ("LowRankGradient" in type(out.grad_fn).__name__) == stand_in
         loss = out.pow(2).sum() + (0 if weights is None else weights.pow(2).sum())
         loss.backward()
-        return out, weights, x.grad, *(p.grad for p in a.parameters())
+        grads = [t.grad for t in {id(t): t for t in (x, key, value)}.values()]
+        return out, weights, *grads, *(p.grad for p in a.parameters())
 
     got, want = run(True), run(False)
     assert (got[1] is None) == ("need_weights" in kwargs and not kwargs["need_weights"])
@@ -195,18 +206,18 @@ def test_attention_stand_in_composes_with_a_second_active_adapter(monkeypatch: p
 
 
 def test_attention_stand_in_is_training_only_and_leaves_with_the_adapter() -> None:
-    """The stand-in takes self-attention calls while training; cross-attention and inference run
-    the module itself. Deep copies and pickled copies train their own adapter; unwrap removes the
+    """The stand-in takes attention calls while training; unbatched inputs and inference run the
+    module itself. Deep copies and pickled copies train their own adapter; unwrap removes the
     instance forward."""
     import copy
     import pickle
 
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     m = peftkit.wrap(nn.Sequential(mha), "lora", targets=[nn.MultiheadAttention], r=2, init=False)
-    x, kv = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    x = torch.randn(2, 3, 8)
     out = mha(x, x, x, need_weights=False)[0]
     assert "LowRankGradient" in type(out.grad_fn).__name__
-    assert "LowRankGradient" not in type(mha(x, kv, kv)[0].grad_fn).__name__  # cross-attention: the module
+    assert "LowRankGradient" not in type(mha(x[0], x[0], x[0])[0].grad_fn).__name__  # unbatched: the module
     with torch.no_grad():
         torch.testing.assert_close(mha(x, x, x, need_weights=False)[0], out, rtol=1e-5, atol=1e-5)
 
@@ -235,8 +246,8 @@ def test_attention_stand_in_keeps_an_instance_forward_that_was_there() -> None:
 
     mha.forward = theirs
     m = peftkit.wrap(nn.Sequential(mha), "lora", targets=[nn.MultiheadAttention], r=2)
-    x, kv = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    mha(x, kv, kv)
+    x = torch.randn(3, 8)
+    mha(x, x, x)  # unbatched: not taken by the stand-in
     assert calls == [1]
     m.unwrap()
     assert mha.forward is theirs

@@ -121,7 +121,10 @@ class _LowRankGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, xa, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)
+        # A permuted gradient (e.g. a value projection's, back from attention) is copied once, here,
+        # and handed on contiguous: the Linear's own backward would otherwise copy it a second time.
+        g = g.contiguous()
+        g2 = g.view(-1, g.shape[-1]).to(B.dtype)
         grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_a = torch.mm((g2 @ B).t(), x2.to(B.dtype)).mul_(ctx.scale)  # (r, in)

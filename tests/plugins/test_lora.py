@@ -323,7 +323,7 @@ def test_unsupported_module_named_explicitly() -> None:
         peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "lora", targets=["1"])
 
 
-@pytest.mark.parametrize("layer", ["linear", "hf_conv1d", "trainable_base", "inplace_after"])
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d", "trainable_base", "inplace_after", "permuted_after"])
 def test_training_fold_gives_autograd_gradients(layer: str) -> None:
     """Training folds W + s*B@A in without autograd and adds the factors' gradients itself: output,
     input gradient and every trainable gradient equal autograd through the explicit formula."""
@@ -334,6 +334,8 @@ def test_training_fold_gives_autograd_gradients(layer: str) -> None:
         y = net(x)
         if layer == "inplace_after":
             y.mul_(2.0)  # the adapted output may be modified in place, as many models do
+        if layer == "permuted_after":
+            y = y.transpose(0, 1) * torch.arange(1.0, 4.0)[:, None, None]  # its gradient comes back permuted
         return y
 
     m = peftkit.wrap(nn.Sequential(host), "lora", targets=["0"], r=2, alpha=3, init=False, bias="lora_only")
@@ -344,7 +346,7 @@ def test_training_fold_gives_autograd_gradients(layer: str) -> None:
         a.lora_bias.normal_()
     x = torch.randn(2, 3, 6, requires_grad=True)
     out = run(m, x)
-    assert "LowRankGradient" in type(out.grad_fn).__name__ or layer == "inplace_after"
+    assert "LowRankGradient" in type(out.grad_fn).__name__ or layer in ("inplace_after", "permuted_after")
     out.pow(2).sum().backward()
 
     A, B, bias = (t.detach().clone().requires_grad_(True) for t in (a.lora_A, a.lora_B, a.lora_bias))
@@ -354,6 +356,8 @@ def test_training_fold_gives_autograd_gradients(layer: str) -> None:
     ref = base + 1.5 * (x_ref @ A.T) @ B.T + bias
     if layer == "inplace_after":
         ref = ref * 2.0
+    if layer == "permuted_after":
+        ref = ref.transpose(0, 1) * torch.arange(1.0, 4.0)[:, None, None]
     ref.pow(2).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
@@ -361,6 +365,25 @@ def test_training_fold_gives_autograd_gradients(layer: str) -> None:
         torch.testing.assert_close(got.grad, want.grad)
     if layer == "trainable_base":
         torch.testing.assert_close(host.weight.grad, W.grad)
+
+
+def test_fold_gradient_hands_on_a_contiguous_gradient() -> None:
+    """A permuted output gradient is copied once by the fold's backward, and the copy is what the
+    Linear's own backward receives, so it does not copy it again (a value projection's gradient comes
+    back from attention permuted)."""
+    from peftkit_plugins.lora import _LowRankGradient
+
+    torch.manual_seed(0)
+    x, A, B = torch.randn(4, 3, 6), torch.randn(2, 6, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = torch.randn(4, 3, 5, requires_grad=True)
+    seen = []
+    y.register_hook(seen.append)
+    g = torch.randn(3, 4, 5).transpose(0, 1)  # (4, 3, 5), not contiguous
+    _LowRankGradient.apply(y, x, A, B, None, 0.5).backward(g)
+    assert seen[0].is_contiguous()
+    torch.testing.assert_close(seen[0], g)
+    torch.testing.assert_close(B.grad, 0.5 * g.reshape(-1, 5).T @ (x.reshape(-1, 6) @ A.detach().T))
+    torch.testing.assert_close(A.grad, 0.5 * (g.reshape(-1, 5) @ B.detach()).T @ x.reshape(-1, 6))
 
 
 def test_dropout_trains_in_output_space() -> None:

@@ -84,13 +84,14 @@ class Entry:
         """Whether the adapter trains on this call: autograd on and some parameter of it trainable."""
         return grad and self.adapter is not None and any(p.requires_grad for p in self.adapter.parameters())
 
+    @property
+    def can_stand_in(self) -> bool:
+        """Whether the adapter offers :meth:`~peftkit.Adapter.stand_in` on a target that is its own host."""
+        return self.adapter is not None and not self.prefix and self.adapter.has_stand_in
+
     def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether this adapter computes the host's whole output for this call (training only, on a
-        target that is its own host, where the adapter offers :meth:`~peftkit.Adapter.stand_in`)."""
-        a = self.adapter
-        if a is None or self.prefix or not a.has_stand_in:
-            return False
-        return self.trains(grad) and a.stands_in(self.target, args, kwargs)
+        """Whether this adapter computes the host's whole output for this call (training only)."""
+        return self.can_stand_in and self.trains(grad) and self.adapter.stands_in(self.target, args, kwargs)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -142,8 +143,7 @@ class Slot:
     def add(self, entry: Entry) -> None:
         """Attach one more entry; an adapter that can stand in for the host's forward gets the hook for it."""
         self.entries.append(entry)
-        a = entry.adapter
-        if a is not None and not entry.prefix and a.has_stand_in:
+        if entry.can_stand_in:
             self._install_forward()
 
     def remove(self) -> None:

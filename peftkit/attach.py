@@ -121,6 +121,50 @@ def replacement_tensors(copy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from ((n, b) for n, b in copy.named_buffers() if b is not None)
 
 
+class TensorStamp:
+    """What a cache computed from a tensor must still match: the same tensor object, unchanged in
+    place (its version counter), with the same storage, dtype, device and shape. ``.to()``,
+    ``.half()`` and ``param.data = ...`` swap the storage without bumping the version counter, so the
+    storage is compared too; a detached alias keeps the old storage alive, so its address cannot be
+    reused by a new one while the stamp exists."""
+
+    __slots__ = ("alias", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.alias = tensor.detach()
+        self.version = tensor._version
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        a = self.alias
+        return (tensor is self.tensor and tensor._version == self.version and tensor.dtype == a.dtype
+                and tensor.device == a.device and tensor.shape == a.shape and tensor.data_ptr() == a.data_ptr())
+
+
+def stamps_match(stamps: list[TensorStamp], tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor still matches its stamp (same count, same order)."""
+    return len(stamps) == len(tensors) and all(s.matches(t) for s, t in zip(stamps, tensors, strict=True))
+
+
+def slots_in(module: nn.Module) -> list[tuple[str, Slot]]:
+    """Every peftkit slot hooked anywhere in ``module`` (``(path, slot)``): non-empty when an
+    AdaptedModel (alive, or not yet collected) is attached to it or to part of it."""
+    found = []
+    for path, m in module.named_modules(remove_duplicate=False):
+        for hook in m._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Slot):
+                found.append((path, owner))
+    return found
+
+
+def release(slots: dict[str, Slot]) -> None:
+    """Remove every slot's hooks (and instance forwards) from its host; ``slots`` is emptied."""
+    for slot in slots.values():
+        slot.remove()
+    slots.clear()
+
+
 class Slot:
     """The hooks on one host module and the entries they apply."""
 
@@ -130,7 +174,7 @@ class Slot:
         self.entries: list[Entry] = []
         self.fired = False
         self.cache = True  # keep no-grad substitutions (W + delta) until an adapter or base tensor changes
-        self._cached: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]] | None = None
+        self._cached: tuple[list[int], list[TensorStamp], dict[str, torch.Tensor], dict[str, TensorStamp]] | None = None
         self._frames: list[Frame] = []  # a stack: a host may be called again inside its own forward
         self._inner_forward: Any = None  # an instance-level forward that was there before ours (accelerate's)
         self._forward_installed = False
@@ -198,27 +242,41 @@ class Slot:
         self._cached = None
 
     @staticmethod
-    def _stamp(entries: list[Entry]) -> tuple[Any, ...]:
-        """Identity and version of every tensor the substitutions are computed from."""
-        parts: list[Any] = []
+    def _sources(entries: list[Entry]) -> list[torch.Tensor]:
+        """Every adapter and ``train``-copy tensor the substitutions are computed from."""
+        out: list[torch.Tensor] = []
         for e in entries:
             module = e.adapter if e.adapter is not None else e.replacement
-            parts.append(id(e))
-            parts.extend((id(t), t._version) for t in module.parameters())  # type: ignore[union-attr]
-            parts.extend((id(t), t._version) for t in module.buffers())  # type: ignore[union-attr]
-        return tuple(parts)
+            out.extend(module.parameters())  # type: ignore[union-attr]
+            out.extend(b for b in module.buffers() if b is not None)  # type: ignore[union-attr]
+        return out
 
     def _cached_substitutions(self, entries: list[Entry]) -> dict[str, torch.Tensor]:
-        # Inference: fold the deltas in once (W + s*B@A) and reuse them until something changes;
-        # the unmerged model then runs as fast as the merged one.
-        stamp = self._stamp(entries)
-        if self._cached is not None and self._cached[0] == stamp and all(
-                _get(self.host, k) is base and base._version == v for k, (base, v) in self._cached[2].items()):
-            return self._cached[1]
+        # Inference: fold the deltas in once (W + s*B@A) and reuse them until something changes (an
+        # adapter or base tensor edited in place, moved or cast, the set of entries); the unmerged
+        # model then runs as fast as the merged one.
+        sources = self._sources(entries)
+        if self._cached is not None:
+            ids, source_stamps, subs, base_stamps = self._cached
+            if (ids == [id(e) for e in entries] and stamps_match(source_stamps, sources)
+                    and all(stamp.matches(_get(self.host, k)) for k, stamp in base_stamps.items())):
+                return subs
         subs = self.substitutions(entries, grad=False)
-        bases = {k: (_get(self.host, k), _get(self.host, k)._version) for k in subs}
-        self._cached = (stamp, subs, bases)
+        self._cached = ([id(e) for e in entries], [TensorStamp(t) for t in sources], subs,
+                        {k: TensorStamp(_get(self.host, k)) for k in subs})
         return subs
+
+    def trains_now(self) -> bool:
+        """Whether an entry applied now has trainable parameters (an adapter, or a ``train`` copy)."""
+        return any(e.trains(True) or (e.replacement is not None and any(p.requires_grad for p in e.replacement.parameters()))
+                   for e in self._live())
+
+    def unwind(self) -> None:
+        """Put back every tensor still substituted: after a forward that was interrupted where PyTorch
+        runs no hooks (``KeyboardInterrupt``). A no-op after a normal call."""
+        while self._frames:
+            for store, key, original in reversed(self._frames.pop().saved):
+                store[key] = original
 
     def _live(self) -> list[Entry]:
         return [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]

@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import nn
 
 from .errors import AdapterFileError, UnknownMethodError
-from .model import AdaptedModel, Prepared
+from .model import AdaptedModel, Prepared, ensure_unwrapped
 
 __all__ = ["Format", "export", "find_format", "import_adapter"]
 
@@ -64,6 +64,8 @@ def import_adapter(model: nn.Module, path: str | os.PathLike[str], format: str |
     fmt = _format(format) if format else find_format(path)
     if fmt is None:
         raise AdapterFileError(f"{str(path)!r} is in no format peftkit knows (see peftkit.formats)")
+    if not isinstance(model, AdaptedModel):
+        ensure_unwrapped(model)
     prepared = fmt.read(model.base_model if isinstance(model, AdaptedModel) else model, Path(path))
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     adapted.install(name, prepared)

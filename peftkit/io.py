@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed
 from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
-from .model import AdaptedModel, AdapterSet, Prepared, build
+from .model import AdaptedModel, AdapterSet, Prepared, build, ensure_unwrapped
 from .plugins import get_method
 from .targets import nearest_names
 
@@ -452,6 +452,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
         else:
             model.load_adapter(path, name=name)
         return model
+    ensure_unwrapped(model)
     header, prepared = read_adapter(model, path)
     adapted = AdaptedModel(model)
     adapted.install(name or header.adapter, prepared)

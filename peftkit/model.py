@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import Entry, RuntimeState, Slot, replacement_tensors, tensor_slot
+from .attach import Entry, RuntimeState, Slot, release, replacement_tensors, slots_in, tensor_slot
 from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
+from .fastpaths import NestedEncoderGuard, packing_encoders
 from .heads import MultiHead, fresh_layer
 from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
 from .plugins import MethodInfo, get_method
@@ -184,8 +187,7 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if isinstance(model, AdaptedModel):
-            raise ConfigError("this model is already an AdaptedModel; use add_adapter() to add another adapter")
+        ensure_unwrapped(model)
         super().__init__()
         self.base_model = model
         self.peft_adapters = nn.ModuleDict()
@@ -196,10 +198,31 @@ class AdaptedModel(nn.Module):
         self._detached = False
         self._orig_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
-        self._no_fastpath = False
         self._frozen_norms: list[nn.Module] = []
+        self._guards = [(path, NestedEncoderGuard(enc, self._trains_inside_of(path))) for path, enc in packing_encoders(model)]
         for p in model.parameters():
             p.requires_grad_(False)
+        self._watch()
+
+    def _watch(self) -> None:
+        # An AdaptedModel that goes away without unwrap() takes its hooks with it: the backbone is then
+        # plain again (its values as they are, its requires_grad and training flags as they were).
+        self.__dict__["_finalizer"] = weakref.finalize(
+            self, _release_backbone, self._slots, self._guards, self.base_model, self._orig_grad, self._orig_training)
+        self._finalizer.atexit = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_finalizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not self.__dict__.get("_detached"):
+            self._watch()
+
+    def _trains_inside_of(self, path: str) -> _TrainsInside:
+        return _TrainsInside(self._slots, path)
 
     # -- attribute access falls through to the backbone (e.g. a transformers model's .config) -------
     def __getattr__(self, name: str) -> Any:
@@ -220,9 +243,13 @@ class AdaptedModel(nn.Module):
         if check:
             for h in self._unchecked:
                 self._slots[h].fired = False
-        live = self._no_fastpath and not self._state.disabled and bool(self._state.active)
-        with self._fastpath_off() if live else contextlib.nullcontext():
+        try:
             out = self.base_model(*args, **kwargs)
+        finally:  # an interrupted forward (Ctrl-C skips PyTorch's always-called hooks) leaves nothing substituted
+            for slot in self._slots.values():
+                slot.unwind()
+            for _, guard in self._guards:
+                guard.unwind()
         if check:
             dead = sorted(h for h in self._unchecked if h in self._slots and not self._slots[h].fired)
             self._unchecked.clear()
@@ -234,17 +261,11 @@ class AdaptedModel(nn.Module):
                     RuntimeWarning, stacklevel=2)
         return out
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _fastpath_off() -> Iterator[None]:
-        # nn.TransformerEncoderLayer's inference fast path reads its children's weights directly,
-        # skipping their forwards (and so our hooks); turn it off while adapters are attached.
-        before = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(before)
+    def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
+        # .to(), .half(), .cuda(), ...: the folded weights were computed from the old tensors
+        out = super()._apply(fn, recurse)
+        self._drop_folded()
+        return out
 
     def train(self, mode: bool = True) -> AdaptedModel:
         """Set training mode; frozen normalisation layers stay in eval mode (stored statistics)."""
@@ -423,10 +444,6 @@ class AdaptedModel(nn.Module):
         self._records[name] = _Record(prepared.method, prepared.info, mods, cache=dict(prepared.cache))
         for p in mods.parameters():
             p.requires_grad_(False)
-        # A transform-only adapter on a module whose ancestor also reads its weights directly (as
-        # nn.TransformerEncoderLayer's inference fast path does) only runs if that fast path is off.
-        self._no_fastpath = self._no_fastpath or any(
-            host_of(base, p)[1] and not a.has_delta for p, a in mods.items())
         self._refresh()
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
@@ -612,14 +629,9 @@ class AdaptedModel(nn.Module):
                 rec.backups.clear()
         else:
             self.unmerge()
-        for slot in self._slots.values():
-            slot.remove()
-        self._slots.clear()
+        self._finalizer.detach()
         base = self.base_model
-        for n, p in base.named_parameters(remove_duplicate=False):
-            p.requires_grad_(self._orig_grad.get(n, False) if not merge else self._orig_grad.get(n, True))
-        for n, m in base.named_modules(remove_duplicate=False):
-            m.training = self._orig_training.get(n, m.training)
+        _release_backbone(self._slots, self._guards, base, self._orig_grad, self._orig_training, merged=merge)
         self._detached = True
         return base
 
@@ -656,6 +668,56 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self._state.active}, merged={sorted(self._state.merged)}"
+
+
+def ensure_unwrapped(model: nn.Module) -> None:
+    """Refuse a backbone that an AdaptedModel is attached to: two sets of hooks on one backbone would
+    each put back what the other substituted, leaving adapted values in the backbone's weights.
+
+    Raises:
+        ConfigError: ``model`` is an AdaptedModel, or one is attached to it (or to part of it).
+    """
+    if isinstance(model, AdaptedModel):
+        raise ConfigError("this model is already an AdaptedModel; add another adapter with add_adapter() or "
+                          "load_adapter(), or unwrap() it first")
+    found = slots_in(model)
+    if found:
+        gc.collect()  # an AdaptedModel that is gone but not yet collected releases the backbone now
+        found = slots_in(model)
+    if found:
+        where = f" (at {found[0][0]!r})" if found[0][0] else ""
+        raise ConfigError(
+            f"this {type(model).__name__} is already wrapped: an AdaptedModel's adapters are attached to it{where}. "
+            "Wrapping or loading onto it again would stack two sets of hooks on one backbone. Add adapters to that "
+            "AdaptedModel instead (m.add_adapter(...), m.load_adapter(file)), or call its unwrap() first.")
+
+
+class _TrainsInside:
+    """Whether an adapter trains on this call inside the module at ``path`` (for a fast-path guard).
+    Holds the model's slot table, not the model, so that the backbone never keeps its wrapper alive."""
+
+    def __init__(self, slots: dict[str, Slot], path: str) -> None:
+        self.slots = slots
+        self.path = path
+
+    def __call__(self) -> bool:
+        return any(slot.trains_now() for host, slot in self.slots.items()
+                   if not self.path or is_under(host, [self.path]))
+
+
+def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEncoderGuard]], base: nn.Module,
+                      grads: dict[str, bool], training: dict[str, bool], merged: bool = False) -> None:
+    """Take every hook off the backbone and give back its ``requires_grad`` and training flags
+    (``unwrap()``, or the AdaptedModel being garbage-collected). Tensors new since wrapping (a merged
+    fresh head) are trainable after a merge, frozen otherwise."""
+    release(slots)
+    for _, guard in guards:
+        guard.remove()
+    guards.clear()
+    for n, p in base.named_parameters(remove_duplicate=False):
+        p.requires_grad_(grads.get(n, merged))
+    for n, m in base.named_modules(remove_duplicate=False):
+        m.training = training.get(n, m.training)
 
 
 def _finite_after(base: torch.Tensor, d: Delta) -> bool:
@@ -704,6 +766,7 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
         m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=8)
         m.summary()
     """
+    ensure_unwrapped(model)  # before any work (FISH's Fisher estimate, say)
     prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, head=head, heads=heads,
                        example_input=example_input, **options)
     adapted = AdaptedModel(model)

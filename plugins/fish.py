@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import peftkit
+from peftkit.attach import TensorStamp
 from peftkit.errors import ConfigError, TargetError
 from peftkit.fisher import candidate_names, fisher_mask
 from peftkit.method import SparseDelta
@@ -86,7 +87,7 @@ class FishDelta(peftkit.Adapter):
                  counts: dict[str, int] | None = None) -> None:
         super().__init__()
         self.names = list(positions)
-        self._decoded: dict[str, tuple[int, torch.Tensor]] = {}
+        self._decoded: dict[str, tuple[TensorStamp, torch.Tensor]] = {}
         for name, idx in positions.items():
             base = module.get_parameter(name)
             if idx is None:  # rebuilt for loading: shapes from the file's spec, values filled next
@@ -98,11 +99,12 @@ class FishDelta(peftkit.Adapter):
             self.register_parameter(f"{name}_delta", nn.Parameter(torch.zeros(k, device=base.device, dtype=base.dtype)))
 
     def positions(self, name: str) -> torch.Tensor:
-        """Flat positions of the selected entries of parameter ``name`` (decoded once per change)."""
+        """Flat positions of the selected entries of parameter ``name`` (decoded again whenever the
+        codes change: edited in place, moved to another device, or replaced)."""
         codes = getattr(self, f"{name}_index")
         cached = self._decoded.get(name)
-        if cached is None or cached[0] != codes._version:
-            cached = (codes._version, decode_gaps(codes).to(codes.device))
+        if cached is None or not cached[0].matches(codes):
+            cached = (TensorStamp(codes), decode_gaps(codes).to(codes.device))
             self._decoded[name] = cached
         return cached[1]
 

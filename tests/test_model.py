@@ -231,3 +231,134 @@ def test_inference_cache_follows_every_change() -> None:
         torch.testing.assert_close(m(x), reference())
         m.cache_weights = False
         torch.testing.assert_close(m(x), reference())
+
+
+# -- one backbone, one AdaptedModel ------------------------------------------------------------------
+
+
+def _params(module: nn.Module) -> list[tuple[str, type, bool]]:
+    return [(n, type(p), p.requires_grad) for n, p in module.named_parameters()]
+
+
+@pytest.mark.parametrize("second", ["wrap", "load", "wrap_part", "wrap_parent", "import_peft"])
+def test_a_wrapped_backbone_is_refused_and_left_as_it_was(second: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    before = snapshot(net)
+    x = torch.randn(3, 8)
+    m = peftkit.wrap(net, "lora", r=2, init=False)
+    path = peftkit.save(m, tmp_path / "a.safetensors")
+    peftkit.export_peft(m, tmp_path / "peft")
+    flags = _params(net)
+    with torch.no_grad():
+        adapted = m(x)
+    with pytest.raises(ConfigError, match="already wrapped.*add_adapter.*unwrap"):
+        if second == "wrap":
+            peftkit.wrap(net, "lora", r=2)
+        elif second == "load":
+            peftkit.load(net, path)
+        elif second == "wrap_part":
+            peftkit.wrap(net[2], "lora", r=2)
+        elif second == "wrap_parent":
+            peftkit.wrap(nn.Sequential(net, nn.ReLU()), "lora", r=2)
+        else:
+            peftkit.import_peft(net, tmp_path / "peft")
+    assert _params(net) == flags
+    m.train()
+    m(x).sum().backward()  # the first wrapper still works, and restores the backbone after each call
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), adapted, rtol=0, atol=0)
+    back = m.unwrap()
+    assert_bitwise_equal(snapshot(back), before)
+    assert all(type(p) is nn.Parameter for p in back.parameters())
+    peftkit.wrap(back, "lora", r=2)  # after unwrap() it is a plain backbone again
+
+
+def test_a_wrapper_that_goes_away_releases_the_backbone(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    net[0].weight.requires_grad_(False)  # the user's own flags come back as they were
+    flags = _params(net)
+    before = snapshot(net)
+    x = torch.randn(3, 8)
+
+    def finetune() -> None:  # the common pattern: wrap, train, save; the wrapper is local
+        m = peftkit.wrap(net, "lora", r=2, init=False).train()
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        m(x).pow(2).mean().backward()
+        opt.step()
+        peftkit.save(m, tmp_path / "a.safetensors")
+
+    finetune()
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in net.modules())
+    assert _params(net) == flags
+    assert_bitwise_equal(snapshot(net), before)
+    finetune()  # a second run is not refused
+    m = peftkit.load(net, tmp_path / "a.safetensors")
+    import copy
+
+    twin = copy.deepcopy(m)  # a copy carries its own hooks, released with it
+    del twin
+    assert peftkit.targets.is_under  # (keep the module imported)
+    assert m.adapter_names == ["default"]
+
+
+def test_a_forward_interrupted_by_ctrl_c_leaves_no_substituted_tensor() -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    before = snapshot(net)
+    m = peftkit.wrap(net, "lora", r=2, init=False).eval()
+    handle = net[4].register_forward_pre_hook(lambda mod, args: (_ for _ in ()).throw(KeyboardInterrupt))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(KeyboardInterrupt):
+            m(torch.randn(2, 8))
+        assert all(type(p) is nn.Parameter for p in net.parameters())
+        assert_bitwise_equal(snapshot(net), before)
+    handle.remove()
+    m(torch.randn(2, 8))
+
+
+# -- caches follow the tensors --------------------------------------------------------------------
+
+
+def _reference(net: nn.Module, m: peftkit.AdaptedModel, x: torch.Tensor) -> torch.Tensor:
+    """The adapted tiny MLP computed from scratch, in the model's current dtype."""
+    adapters = m.peft_adapters["default"].adapters
+    h = x
+    with torch.no_grad():
+        for i, a in zip((0, 2), adapters, strict=True):
+            h = torch.relu(net[i].forward(h) + a.scale * h @ a.lora_A.T.to(h.dtype) @ a.lora_B.T.to(h.dtype))
+        return net[4].forward(h)
+
+
+@pytest.mark.parametrize("change", ["bfloat16", "half", "double", "meta", "base.to", "load_state_dict", "data"])
+def test_inference_cache_follows_dtype_device_and_replaced_tensors(change: str) -> None:
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    x = torch.randn(3, 8)
+    m = peftkit.wrap(net, "lora", r=2, init=False).eval()
+    with torch.no_grad():
+        m(x)  # fills the cache
+    if change == "bfloat16":
+        m.to(torch.bfloat16)
+    elif change == "half":
+        m.half()
+    elif change == "double":
+        m.double()
+    elif change == "meta":
+        m.to("meta")
+    elif change == "base.to":  # the backbone alone, behind the wrapper's back
+        net.double()
+    elif change == "load_state_dict":
+        net.load_state_dict({k: v + 1 for k, v in net.state_dict().items()})
+    else:
+        net[0].weight.data = net[0].weight.data * 2
+    dtype = next(net.parameters()).dtype
+    xin = x.to(device=next(net.parameters()).device, dtype=dtype)
+    with torch.no_grad():
+        out = m(xin)
+    assert out.dtype == dtype and out.device == xin.device
+    if change != "meta":
+        expected = _reference(net, m, xin)
+        tol = {"rtol": 2e-2, "atol": 2e-2} if dtype in (torch.bfloat16, torch.float16) else {}
+        torch.testing.assert_close(out.to(expected.dtype), expected, **tol)

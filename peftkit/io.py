@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import distributed
+from .attach import TensorStamp, stamps_match
 from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
 from .model import AdaptedModel, AdapterSet, Prepared, build, ensure_unwrapped
 from .plugins import get_method
@@ -315,8 +316,14 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
         for k, t in expected.items():
             t.copy_(values[k])
     # the hot swap of another file into this adapter compares against these (already checked here)
-    prepared.cache = {"targets": header.targets, _fingerprint_key(header.backbone): header.backbone}
+    prepared.cache = {"targets": header.targets, _fingerprint_key(header.backbone): header.backbone,
+                      "stamps": [TensorStamp(t) for t in _touched(model, header.targets)]}
     return header, prepared
+
+
+def _touched(model: nn.Module, paths: Any) -> list[torch.Tensor]:
+    """The base tensors a file's checks read (what the checks cached on a record must still match)."""
+    return [t for p in sorted(set(paths)) for t in _module_tensors(model.get_submodule(p)).values()]
 
 
 def _fingerprint_key(backbone: dict[str, Any]) -> str:
@@ -365,6 +372,10 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
                                "hot swapping needs the same options. Load it with load_adapter() instead.")
     base = model.base_model
     cached = rec.cache
+    touched = _touched(base, [*rec.modules.paths, *rec.modules.train_paths, *([rec.modules.heads_path] if rec.modules.heads is not None else [])])
+    if not stamps_match(cached.get("stamps", []), touched):  # first swap, or the backbone changed (dtype, values)
+        cached.clear()
+        cached["stamps"] = [TensorStamp(t) for t in touched]
     if "targets" not in cached:
         cached["targets"] = describe_targets(base, rec.modules)
     if header.targets != cached["targets"]:

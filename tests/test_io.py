@@ -232,3 +232,15 @@ def test_hotswap_fish_checks_the_base_values(tmp_path: Path) -> None:
     assert m.hotswap(same) == "default"
     with pytest.raises(BackboneMismatchError, match="other base weights"):
         m.hotswap(other)
+
+
+def test_hotswap_checks_follow_a_backbone_cast_after_loading(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "lora", r=2, init=False)
+    path = peftkit.save(m, tmp_path / "f32.safetensors")
+    m.hotswap(path)  # caches what it checked
+    m.double()
+    with pytest.raises(BackboneMismatchError, match="dtypes"):
+        m.hotswap(path)  # a float32 adapter onto the float64 backbone is refused, as load() refuses it
+    m.float()
+    m.hotswap(path)

@@ -23,7 +23,7 @@ from .fastpaths import NestedEncoderGuard, packing_encoders
 from .heads import MultiHead, fresh_layer
 from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
 from .plugins import MethodInfo, get_method
-from .targets import Selection, calls_forward, find_output_layer, host_of, is_under, select_modules, tied_aliases
+from .targets import Selection, calls_forward, host_of, is_under, output_layers, select_modules, tied_aliases
 
 __all__ = ["AdaptedModel", "wrap"]
 
@@ -105,10 +105,14 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         m = info.cls.configure(**options)
     if head is not None and heads is not None:
         raise ConfigError("pass either head=N (one new output layer) or heads={name: N, ...} (several), not both")
-    output = find_output_layer(model, example_input)
+    for n in ([head] if head is not None else []) + list((heads or {}).values() if isinstance(heads, dict) else []):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"head={n!r} is invalid; expected the number of outputs, e.g. head=2")
+    outputs = output_layers(model, example_input)
+    output = outputs.path
     replaced = head is not None or heads is not None
-    if replaced and output is None:
-        raise TargetError(f"{type(model).__name__} has no parametrised layer to replace with head=/heads=")
+    if replaced:
+        output = outputs.require(model, "head=N" if head is not None else "heads={...}")
     train_paths = select_modules(model, train, what="train") if train is not None else []
     train_paths += m.trained_modules(model, output, replaced)
     if head is not None:
@@ -532,9 +536,19 @@ class AdaptedModel(nn.Module):
         names = [n for n in self._state.active if n not in self._state.merged]
         if not names or self._state.disabled:
             return
+        readers = _readers(self.base_model)
         with torch.no_grad():
             for n in names:  # check everything before changing anything
                 for what, base, d in self._deltas(n):
+                    shared = readers.get(id(base), [])
+                    if len(shared) > 1:
+                        others = [r for r in shared if r != what] or shared[1:]
+                        raise MergeError(
+                            f"adapter {n!r} cannot be merged: its delta on {what} would also change "
+                            f"{', '.join(others[:3])}, which share{'s' if len(others) == 1 else ''} that tensor (tied "
+                            "weights), while unmerged only the adapted module sees it. Nothing was merged. Keep the "
+                            "adapter unmerged (inference folds it into a copy of the weight, as fast as merged), or "
+                            "untie the weights before wrapping.")
                     if not _finite_after(base, d):
                         raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
                 for path, c in self._records[n].modules.train_items():
@@ -718,6 +732,27 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
         p.requires_grad_(grads.get(n, merged))
     for n, m in base.named_modules(remove_duplicate=False):
         m.training = training.get(n, m.training)
+
+
+def _readers(model: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> every name under which the model reads it: the same tensor registered in two
+    modules (tied weights), or tensors sharing one storage, all change when it is changed in place."""
+    by_tensor: dict[int, dict[tuple[int, str], str]] = {}
+    by_storage: dict[tuple[str, int], set[int]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for n, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None:
+                continue
+            by_tensor.setdefault(id(t), {})[(id(m), n)] = f"{path}.{n}" if path else n
+            if t.device.type != "meta" and t.numel():
+                by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), set()).add(id(t))
+    names = {i: list(found.values()) for i, found in by_tensor.items()}
+    for ids in by_storage.values():
+        if len(ids) > 1:
+            together = [name for i in sorted(ids) for name in names[i]]
+            for i in ids:
+                names[i] = [*names[i], *(x for x in together if x not in names[i])]
+    return names
 
 
 def _finite_after(base: torch.Tensor, d: Delta) -> bool:

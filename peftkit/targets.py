@@ -15,8 +15,10 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import TargetError
@@ -24,8 +26,8 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["Selection", "Selector", "find_blocks", "find_output_layer", "host_of", "is_under", "matches",
-           "select_modules", "tied_aliases"]
+__all__ = ["OutputLayers", "Selection", "Selector", "find_blocks", "find_output_layer", "host_of", "is_projection",
+           "is_under", "matches", "output_layers", "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -123,35 +125,190 @@ def _leaf_with_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def find_output_layer(model: nn.Module, example_input: Any = None) -> str | None:
-    """The path of the model's output layer: the last parametrised module producing its output.
+def is_projection(module: nn.Module) -> bool:
+    """Whether a module maps features to features with a weight matrix or kernel (Linear, Conv,
+    Hugging Face Conv1D, Bilinear, ...): what can be an output layer. Norms and embeddings cannot."""
+    w = getattr(module, "weight", None)
+    return (isinstance(w, nn.Parameter) and w.dim() >= 2
+            and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and "norm" not in type(module).__name__.lower())
 
-    With ``example_input`` (a tensor, or a tuple of positional inputs) one forward pass is traced
-    with hooks: the last parametrised module whose output is (part of) the model's output wins,
-    else the last one that ran. Without it, the last parametrised leaf in registration order.
+
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """(input, output) features of a projection, when it says."""
+    for a, b in (("in_features", "out_features"), ("in_channels", "out_channels")):
+        if isinstance(getattr(module, a, None), int) and isinstance(getattr(module, b, None), int):
+            return getattr(module, a), getattr(module, b)
+    w = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:  # Hugging Face: (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+@dataclass(frozen=True)
+class OutputLayers:
+    """What produces a model's output (see :func:`output_layers`).
+
+    Attributes:
+        path: The single output layer, or None.
+        candidates: When there is no single one: the layers producing the outputs (may be empty).
+        reason: Why there is no single output layer (a sentence for error messages), else "".
     """
-    candidates = [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m)]
-    if not candidates:
-        return None
-    if example_input is None:
-        return candidates[-1][0]
-    import torch
 
-    ran: list[tuple[str, Any]] = []  # keep outputs alive: a freed tensor's id() can be reused
-    handles = [m.register_forward_hook(lambda mod, a, out, _p=p: ran.append((_p, out)))
-               for p, m in candidates]
+    path: str | None
+    candidates: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def all(self) -> list[str]:
+        """Every layer producing an output: the output layer, or all the candidates."""
+        return [self.path] if self.path is not None else list(self.candidates)
+
+    def require(self, model: nn.Module, what: str) -> str:
+        """The output layer, or a :class:`TargetError` saying why there is none and what to do instead."""
+        if self.path is not None:
+            return self.path
+        listed = f" Candidates: {', '.join(self.candidates)}." if self.candidates else ""
+        raise TargetError(
+            f"{what} needs the model's single output layer, and {type(model).__name__} has none: {self.reason}.{listed} "
+            "Name the modules to train with train=[...] (replace a layer yourself first to change its size), or pass "
+            "example_input= so peftkit can trace what the model returns.")
+
+
+def output_layers(model: nn.Module, example_input: Any = None) -> OutputLayers:
+    """The model's output layer: the projection whose output is the model's output.
+
+    Found, in this order, from: a forward pass on ``example_input`` (traced: the layers whose outputs
+    reach the model's outputs through parameter-free operations only); what the model declares (a
+    Hugging Face model's task head or output embeddings, a timm model's classifier); the module
+    order (the last parametrised module, unless it is a norm, or one of parallel projections side by
+    side, like Faster R-CNN's class and box predictors). Where several layers produce outputs (CLIP's
+    two projections, a detector's two predictors), or the model ends in a normalisation layer
+    (``BertModel``'s hidden states), there is no single output layer.
+    """
+    if example_input is not None:
+        traced = _traced_outputs(model, example_input)
+        if traced:
+            return _judge(model, traced, "several layers produce its outputs")
+    declared = _declared_outputs(model)
+    if declared is not None:
+        return declared
+    return _ordered_outputs(model, [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m)])
+
+
+def find_output_layer(model: nn.Module, example_input: Any = None) -> str | None:
+    """The path of the model's single output layer, or None where there is none (see :func:`output_layers`)."""
+    return output_layers(model, example_input).path
+
+
+def _judge(model: nn.Module, paths: list[str], several: str) -> OutputLayers:
+    if len(paths) > 1:
+        return OutputLayers(None, tuple(paths), several)
+    module = model.get_submodule(paths[0])
+    if not is_projection(module):
+        return OutputLayers(None, (), f"its output comes from {type(module).__name__} {paths[0]!r}, which is not an "
+                                      "output projection (a model without a task head)")
+    return OutputLayers(paths[0])
+
+
+def _ordered_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> OutputLayers:
+    """The last parametrised layer in registration order, checked (see :func:`output_layers`)."""
+    if not layers:
+        return OutputLayers(None, (), "it has no parametrised layer")
+    path, last = layers[-1]
+    parent = path.rpartition(".")[0]
+    sizes = _features(last)
+    if sizes is not None and is_projection(last):  # parallel heads: projections of the same features side by side
+        twins = [p for p, m in layers[:-1] if p.rpartition(".")[0] == parent and is_projection(m)
+                 and (f := _features(m)) is not None and f[0] == sizes[0] and f[1] != sizes[0]]
+        if twins:
+            return OutputLayers(None, (*twins, path), "several projections side by side produce its outputs")
+    return _judge(model, [path], "")
+
+
+def _declared_outputs(model: nn.Module) -> OutputLayers | None:
+    """The output layer a Hugging Face or timm model declares (None: the model declares nothing)."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("classifier") and callable(getattr(model, "get_classifier", None)):  # timm
+        names = [cfg["classifier"]] if isinstance(cfg["classifier"], str) else list(cfg["classifier"])
+        found = [n for n in names if n in dict(model.named_modules())]
+        layers = [n for n in found if _leaf_with_params(model.get_submodule(n))]
+        if found and not layers:
+            return OutputLayers(None, (), f"its classifier {found[0]!r} was removed (num_classes=0)")
+        if layers:
+            return _judge(model, layers, "it declares several classifiers")
+    get_out = getattr(model, "get_output_embeddings", None)
+    base = getattr(model, "base_model", None)
+    if not (callable(get_out) and isinstance(base, nn.Module) and hasattr(model, "config")):
+        return None
     try:
-        with torch.no_grad():
-            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-            out = model(*inputs)
+        embeddings = get_out()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    lm_head = paths.get(id(embeddings)) if isinstance(embeddings, nn.Module) else None
+    if base is model:
+        if lm_head:
+            return OutputLayers(lm_head)
+        return OutputLayers(None, (), "it is a Hugging Face base model without a task head, returning hidden states")
+    base_path = paths.get(id(base), "")
+    head = [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m) and not is_under(p, [base_path])]
+    if not head:
+        return OutputLayers(lm_head) if lm_head else None
+    found = _ordered_outputs(model, head)
+    if lm_head and found.path and found.path != lm_head:
+        return OutputLayers(None, (lm_head, found.path), "it has several task heads")
+    return found
+
+
+def _traced_outputs(model: nn.Module, example_input: Any) -> list[str]:
+    """Layers whose outputs reach the model's outputs through parameter-free operations only: each
+    parametrised module's output is cut from its history and marked, so the autograd graph of the
+    outputs leads back to the nearest marks and no further."""
+    marks: dict[int, str] = {}
+
+    def mark(path: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            m = torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
+            marks[id(m)] = path
+            keep.append(m)
+            return value.detach() + m  # the same values, a graph that stops here
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(mark(path, v) for v in value)
+        return value
+
+    keep: list[torch.Tensor] = []
+    layers = [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m)]
+    handles = [m.register_forward_hook(lambda mod, a, out, _p=p: mark(_p, out)) for p, m in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # the backbone stays frozen: no BatchNorm statistics move, no dropout
+    try:
+        with torch.enable_grad():
+            if isinstance(example_input, dict):
+                out = model(**example_input)
+            else:
+                out = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         for h in handles:
             h.remove()
-    produced = {id(t) for t in _flatten(out)}
-    for path, value in reversed(ran):
-        if id(value) in produced:
-            return path
-    return ran[-1][0] if ran else candidates[-1][0]
+        for m, mode in modes:
+            m.training = mode
+    order = {p: i for i, (p, _) in enumerate(layers)}
+    found: set[str] = set()
+    seen: set[Any] = set()
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        out = out["logits"]  # a Hugging Face output: the task's predictions, not the hidden states beside them
+    stack = [t.grad_fn for t in _flatten(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in marks:
+            found.add(marks[id(variable)])
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sorted(found, key=order.__getitem__)
 
 
 def find_blocks(model: nn.Module) -> list[str]:

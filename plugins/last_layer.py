@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 
 import peftkit
-from peftkit.errors import ConfigError, TargetError
-from peftkit.targets import find_blocks, is_under
+from peftkit.errors import ConfigError
+from peftkit.targets import find_blocks, is_under, output_layers
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class LastLayer(peftkit.Method):
 
     def trained_modules(self, model: nn.Module, output_layer: str | None, replaced: bool) -> list[str]:
         if output_layer is None:
-            raise TargetError(f"{type(model).__name__} has no parametrised output layer to train")
+            output_layer = output_layers(model).require(model, "last_layer")
         chosen = [] if replaced else [output_layer]
         if self.config.unfreeze:
             blocks = [b for b in find_blocks(model) if not (is_under(output_layer, [b]) or is_under(b, [output_layer]))]

@@ -19,7 +19,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta, LowRankDelta, add_delta
-from peftkit.targets import find_output_layer, matches
+from peftkit.targets import matches, output_layers
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -478,12 +478,12 @@ class LoRA(peftkit.Method):
         return isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention)) or _is_hf_conv1d(module)
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        """Every Linear/Conv layer (and MultiheadAttention) except the output layer; depthwise convs
+        """Every Linear/Conv layer (and MultiheadAttention) except the output layer(s); depthwise convs
         are skipped (a per-channel k x k filter has no low-rank structure to exploit)."""
-        head = find_output_layer(model)
+        heads = output_layers(model).all  # the output layer, or every layer producing an output
         paths = []
         for path, m in model.named_modules():
-            if not path or path == head:
+            if not path or path in heads:
                 continue
             if isinstance(m, _CONVS) and m.groups > 1 and m.in_channels == m.groups:
                 continue

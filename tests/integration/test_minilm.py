@@ -53,10 +53,13 @@ def test_lora_query_value(batch: dict[str, torch.Tensor], tmp_path: Path) -> Non
     assert m.config.hidden_size == 384  # attributes fall through to the transformers model
 
 
-def test_default_lora_on_bert_excludes_the_pooler(batch: dict[str, torch.Tensor]) -> None:
+def test_default_lora_on_bert_without_a_task_head_adapts_every_linear(batch: dict[str, torch.Tensor]) -> None:
     m = peftkit.wrap(_model(), "lora", r=4, init=False)
     paths = m.peft_adapters["default"].paths
-    assert "pooler.dense" not in paths and len(paths) == 6 * 6  # q, k, v, attention out, intermediate, output
+    # q, k, v, attention out, intermediate, output in 6 layers, and the pooler: a base model has no output layer
+    assert paths[-1] == "pooler.dense" and len(paths) == 6 * 6 + 1
+    with pytest.raises(peftkit.errors.TargetError, match="BertModel has none: .*without a task head"):
+        peftkit.wrap(_model(), "last_layer")
     with torch.no_grad():
         y = m(**batch).last_hidden_state
         m.merge()

@@ -12,11 +12,14 @@ ranks and scales go to ``rank_pattern`` / ``alpha_pattern`` with exact-path keys
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from peftkit.errors import AdapterFileError, BackboneMismatchError, ConfigError
 from peftkit.formats import Format
 from peftkit.model import AdaptedModel, Prepared, build
 from peftkit.plugins import get_method
+from peftkit.targets import host_of
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -63,6 +67,7 @@ class PeftFormat(Format):
             raise ConfigError("multi-task heads have no PEFT equivalent; export an adapter without heads=")
         c = rec.method.config
         base = model.base_model
+        _check_peft_applies(base, mods)
         tensors: dict[str, torch.Tensor] = {}
         targets, ranks, alphas, transposed = [], {}, {}, False
 
@@ -129,8 +134,8 @@ class PeftFormat(Format):
             else:
                 raise ConfigError(f"{path!r}: {type(a).__name__} has no PEFT equivalent")
             targets.append(path)
-        for path, copy in mods.train_items():
-            for k, t in copy.state_dict().items():
+        for path, trained in mods.train_items():
+            for k, t in trained.state_dict().items():
                 put(f"{path}.{k}", t)
         config = {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -237,13 +242,91 @@ class PeftFormat(Format):
                     a.lora_B.copy_(take(f"{p}.lora_B.weight"))
                     if a.lora_bias is not None and f"{p}.base_layer.bias" in keys:
                         a.lora_bias.copy_(take(f"{p}.base_layer.bias") - module.bias)
-            for p, copy in prepared.modules.train_items():
-                state = {k: take(f"{p}.{k}") for k in copy.state_dict()}
-                copy.load_state_dict(state)
+            for p, trained in prepared.modules.train_items():
+                state = {k: take(f"{p}.{k}") for k in trained.state_dict()}
+                wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(trained.state_dict()[k].shape)}"
+                         for k, v in state.items() if v.shape != trained.state_dict()[k].shape]
+                if wrong:
+                    raise BackboneMismatchError(
+                        f"{str(path)!r}: modules_to_save {p!r} does not fit this model's layer ({'; '.join(wrong[:3])}). "
+                        "A layer trained with a new size (a new head) is loaded onto a model whose layer already has "
+                        f"that size: replace model.{p} first, as when the adapter was trained.")
+                trained.load_state_dict(state)
         left = sorted(set(keys) - consumed)
         if left:
             raise AdapterFileError(f"{str(path)!r} holds tensors peftkit does not know where to put: {left[:5]}")
         return prepared
+
+
+def _check_peft_applies(base: nn.Module, mods: Any) -> None:
+    """Refuse what PEFT would load but compute differently: targets whose weights a parent reads
+    directly (PEFT's LoRA layers act in their own forward, which then never runs on that path), and a
+    MultiheadAttention's out_proj delta where the PEFT at hand applies it twice. A fresh ``head=N``
+    is written as ``modules_to_save`` with a warning: PEFT loads it onto a model whose layer already
+    has the new size, as PEFT's own recipe for a new head does."""
+    for path, outputs in mods.fresh.items():
+        layer = base.get_submodule(path)
+        warnings.warn(
+            f"{path!r} is a fresh {outputs}-output layer (head={outputs}); it is written as PEFT modules_to_save, which "
+            f"PEFT loads onto a model whose {path!r} already has {outputs} outputs, as when it was trained with PEFT: "
+            f"replace it before PeftModel.from_pretrained (model.{path} = {_describe(layer, outputs)}).",
+            UserWarning, stacklevel=4)
+    unreachable = []
+    for path, a in mods.items():
+        host, prefix = host_of(base, path)
+        if prefix and not isinstance(a, BiasDelta):  # a bias is written as its full value, read wherever it is
+            unreachable.append(f"{path} (read by {type(base.get_submodule(host)).__name__} {host!r})")
+        elif isinstance(a, MultiheadAttentionLoRA) and bool(a.out_proj.lora_B.detach().abs().max() > 0) \
+                and peft_doubles_mha_out_proj():
+            raise ConfigError(
+                f"{path!r}: PEFT (up to {_peft_version()}, huggingface/peft PR #3774) applies a MultiheadAttention's "
+                "out_proj delta twice, so it would compute something else than this adapter. Export is refused until "
+                "a PEFT with the fix is installed; peftkit's own file (peftkit.save) keeps the adapter exactly.")
+    if unreachable:
+        raise ConfigError(
+            f"PEFT cannot apply LoRA to {', '.join(unreachable[:4])}{' …' if len(unreachable) > 4 else ''}: the parent "
+            "reads these weights directly (a fused inference path, or a function given the weight), so PEFT's LoRA "
+            "layer would be skipped there and its model would silently compute something else. Export is refused; "
+            "peftkit's own file (peftkit.save) applies these adapters where the weights are read.")
+
+
+def _describe(layer: nn.Module, outputs: int) -> str:
+    """How to build the replacement layer, for messages."""
+    if isinstance(layer, nn.Linear):
+        return f"nn.Linear({layer.in_features}, {outputs})"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"nn.{type(layer).__name__}({layer.in_channels}, {outputs}, {layer.kernel_size})"
+    return f"a {type(layer).__name__} with {outputs} outputs"
+
+
+def _peft_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("peft")
+    except Exception:
+        return "0.21"
+
+
+@functools.cache
+def peft_doubles_mha_out_proj() -> bool:
+    """Whether the installed PEFT applies a MultiheadAttention's out_proj delta twice (as every release
+    up to 0.21 does; huggingface/peft PR #3774). Without PEFT installed: assume it does."""
+    try:
+        import peft
+    except ImportError:
+        return True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
+        ref = copy.deepcopy(net)
+        pm = peft.get_peft_model(net, peft.LoraConfig(r=1, target_modules=["0"], init_lora_weights=False)).eval()
+        layer = pm.base_model.model[0]
+        h = torch.randn(1, 3, 4)
+        with torch.no_grad():
+            ref[0].in_proj_weight += layer.get_delta_weight("default")
+            ref[0].out_proj.weight += layer.base_layer.out_proj.get_delta_weight("default")
+            return not torch.allclose(layer(h, h, h)[0], ref[0](h, h, h)[0], atol=1e-5)
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from peftkit_plugins.peft_format import peft_doubles_mha_out_proj
 from torch import nn
 
 import peftkit
-from peftkit.errors import ConfigError
+from peftkit.errors import BackboneMismatchError, ConfigError
 
 peft = pytest.importorskip("peft")
 
@@ -88,46 +89,43 @@ def test_export_loads_in_peft_with_the_same_outputs(options: dict, tmp_path: Pat
         torch.testing.assert_close(back.eval()(IDS), expected, atol=1e-5, rtol=1e-5)
 
 
-def _mha_doubles_out_proj() -> bool:
-    """PEFT 0.21 applies a MultiheadAttention's out_proj delta twice (huggingface/peft PR #3774):
-    probe the installed version so the MHA tests tighten by themselves once it is fixed."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
-    ref = copy.deepcopy(net)
-    pm = peft.get_peft_model(net, peft.LoraConfig(r=1, target_modules=["0"], init_lora_weights=False)).eval()
-    layer = pm.base_model.model[0]
-    h = torch.randn(1, 3, 4)
-    with torch.no_grad():
-        ref[0].in_proj_weight += layer.get_delta_weight("default")
-        ref[0].out_proj.weight += layer.base_layer.out_proj.get_delta_weight("default")
-        return not torch.allclose(layer(h, h, h)[0], ref[0](h, h, h)[0], atol=1e-5)
-
-
-_PEFT_MHA_DOUBLES_OUT_PROJ = _mha_doubles_out_proj()
+_PEFT_MHA_DOUBLES_OUT_PROJ = peft_doubles_mha_out_proj()
 
 
 def test_multihead_attention_both_ways(tmp_path: Path) -> None:
     m = peftkit.wrap(_fresh(), "lora", r=2, alpha=4, targets=["attn"]).eval()
     _train(m)
     a = m.peft_adapters["default"].adapters[0]
-    out = peftkit.export_peft(m, tmp_path / "mha")
-    layer = _peft_load(_fresh(), out).base_model.model.attn
-    # PEFT reads the same deltas from the file ...
-    torch.testing.assert_close(layer.get_delta_weight("default"), a.in_proj.weight_delta().dense(), rtol=0, atol=0)
-    torch.testing.assert_close(layer.base_layer.out_proj.get_delta_weight("default"), a.out_proj.weight_delta().dense(),
-                               rtol=0, atol=0)
-    # ... and peftkit gives W + dW exactly (a plain MultiheadAttention with the deltas added by hand)
+    # peftkit gives W + dW exactly (a plain MultiheadAttention with the deltas added by hand)
     ref = _fresh().attn
     h = torch.randn(2, 5, 8)
     with torch.no_grad():
         ref.in_proj_weight += a.in_proj.weight_delta().dense()
         ref.out_proj.weight += a.out_proj.weight_delta().dense()
         torch.testing.assert_close(m.base_model.attn(h, h, h)[0], ref(h, h, h)[0], rtol=1e-6, atol=1e-6)
-        if not _PEFT_MHA_DOUBLES_OUT_PROJ:  # a fixed PEFT must then agree on the outputs too
-            torch.testing.assert_close(layer(h, h, h)[0], ref(h, h, h)[0], rtol=1e-5, atol=1e-5)
+    if _PEFT_MHA_DOUBLES_OUT_PROJ:  # PEFT would compute W + 2 dW on out_proj: the export is refused
+        with pytest.raises(ConfigError, match="out_proj delta twice"):
+            peftkit.export_peft(m, tmp_path / "mha")
+        assert not (tmp_path / "mha").exists()
+        return
+    out = peftkit.export_peft(m, tmp_path / "mha")
+    layer = _peft_load(_fresh(), out).base_model.model.attn
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, h, h)[0], ref(h, h, h)[0], rtol=1e-5, atol=1e-5)
     back = peftkit.import_peft(_fresh(), out)
     torch.testing.assert_close(back.peft_adapters["default"].adapters[0].out_proj.weight_delta().dense(),
                                a.out_proj.weight_delta().dense(), rtol=0, atol=0)
+
+
+def test_import_a_peft_multihead_attention_adapter(tmp_path: Path) -> None:
+    pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "p"))
+    layer = pm.base_model.model.attn
+    m = peftkit.import_peft(_fresh(), tmp_path / "p")
+    a = m.peft_adapters["default"].adapters[0]
+    torch.testing.assert_close(a.in_proj.weight_delta().dense(), layer.get_delta_weight("default"), rtol=0, atol=0)
+    torch.testing.assert_close(a.out_proj.weight_delta().dense(), layer.base_layer.out_proj.get_delta_weight("default"),
+                               rtol=0, atol=0)
 
 
 def test_import_a_peft_trained_adapter(tmp_path: Path) -> None:
@@ -180,12 +178,33 @@ def test_torchvision_resnet_with_a_new_head(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = m(x)
-    out = peftkit.export_peft(m, tmp_path / "rn")
+    with pytest.warns(UserWarning, match=r"replace it before PeftModel.from_pretrained \(model.fc = nn.Linear\(512, 5\)\)"):
+        out = peftkit.export_peft(m, tmp_path / "rn")
     torch.manual_seed(0)
     base = torchvision.models.resnet18()
     base.fc = nn.Linear(512, 5)  # PEFT's modules_to_save copies the base layer: give it the new size
     with torch.no_grad():
         torch.testing.assert_close(_peft_load(base, out)(x), expected, atol=1e-5, rtol=1e-5)
+    plain = torchvision.models.resnet18()
+    flags = [p.requires_grad for p in plain.parameters()]
+    with pytest.raises(BackboneMismatchError, match=r"modules_to_save 'fc' does not fit .*replace model.fc first"):
+        peftkit.import_peft(plain, out)
+    assert [p.requires_grad for p in plain.parameters()] == flags
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in plain.modules())
+
+
+@pytest.mark.parametrize("arch", ["transformer_layer", "swin"])
+def test_layers_peft_cannot_reach_are_refused_by_name(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    if arch == "swin":
+        model, targets, name = torchvision.models.swin_t(num_classes=3), ["features.1.0.attn.qkv"], "qkv"
+    else:
+        model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 2))
+        targets, name = ["0.linear1", "0.self_attn", "1"], "linear1"
+    m = peftkit.wrap(model, "lora", r=2, targets=targets)
+    with pytest.raises(ConfigError, match=rf"PEFT cannot apply LoRA to .*{name}.*read by .*silently compute something else"):
+        peftkit.export_peft(m, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_refusals(tmp_path: Path) -> None:

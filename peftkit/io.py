@@ -254,7 +254,11 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
     for path, want in header.targets.items():
         m = modules.get(path)
         if m is None:
-            problems.append(f"module {path!r} is missing (nearest: {', '.join(nearest_names(model, path, 3))})")
+            if len(problems) < 5:  # only the reported ones get a (costly) nearest-name search
+                near = nearest_names(model, path, 3)
+                problems.append(f"module {path!r} is missing" + (f" (nearest: {', '.join(near)})" if near else ""))
+            else:
+                problems.append(path)
             continue
         have_class = distributed.original_class(m).__name__
         if have_class != want["class"]:

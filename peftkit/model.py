@@ -137,7 +137,7 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         if not paths:
             raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
     else:
-        paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt)
+        paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt, method=repr(m.name))
     chosen = set(paths)
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
     paths = [p for p in m.expand_targets(model, paths) if p in chosen or not is_under(p, avoid)]
@@ -442,6 +442,7 @@ class AdaptedModel(nn.Module):
         for host, entry in entries:
             if host not in self._slots:
                 self._slots[host] = Slot(base.get_submodule(host), self._state)
+            if entry.mapping is None:  # a tied alias (T5's unused `shared`) may never run: that is fine
                 self._unchecked.add(host)
             self._slots[host].add(entry)
         self.peft_adapters[name] = mods

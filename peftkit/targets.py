@@ -69,11 +69,33 @@ def is_under(path: str, prefixes: Iterable[str]) -> bool:
 
 
 def nearest_names(model: nn.Module, wanted: str, n: int = 5) -> list[str]:
-    """Module paths (and leaf names) of ``model`` closest to ``wanted``, for error messages."""
+    """Module paths and leaf names of ``model`` closest to ``wanted`` (for error messages); empty
+    when none is close."""
     paths = [p for p, _ in model.named_modules() if p]
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    close = difflib.get_close_matches(wanted, leaves, n, 0.5) + difflib.get_close_matches(wanted, paths, n, 0.5)
-    return list(dict.fromkeys(close))[:n] or paths[:n]
+    close = difflib.get_close_matches(wanted, leaves, n, 0.6) + difflib.get_close_matches(wanted, paths, n, 0.6)
+    low = wanted.lower()
+    close += [leaf for leaf in leaves if len(low) >= 3 and (low in leaf.lower() or (len(leaf) >= 3 and leaf.lower() in low))]
+    return list(dict.fromkeys(close))[:n]
+
+
+def _common_names(model: nn.Module, n: int = 10) -> list[str]:
+    """The most frequent leaf names of ``model``'s modules (what selectors usually name)."""
+    counts: dict[str, int] = {}
+    for p, _ in model.named_modules():
+        if p:
+            leaf = p.rsplit(".", 1)[-1]
+            counts[leaf] = counts.get(leaf, 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
+
+
+def _adaptable(model: nn.Module, can_adapt: Callable[[nn.Module], bool]) -> str:
+    """``Type (first path), ...`` for the module types a method can adapt in ``model``."""
+    found: dict[str, str] = {}
+    for p, m in model.named_modules():
+        if p and type(m).__name__ not in found and can_adapt(m):
+            found[type(m).__name__] = p
+    return ", ".join(f"{t} (e.g. {p})" for t, p in list(found.items())[:6]) or "none"
 
 
 def select_modules(
@@ -83,6 +105,7 @@ def select_modules(
     *,
     can_adapt: Callable[[nn.Module], bool] = lambda m: True,
     what: str = "targets",
+    method: str = "this method",
 ) -> list[str]:
     """Paths of the modules that ``targets`` selects, minus ``exclude`` and everything under it.
 
@@ -90,8 +113,9 @@ def select_modules(
     pattern (regex, type, callable) selects are kept when ``can_adapt`` accepts them.
 
     Raises:
-        TargetError: the selection matches nothing (the message lists the nearest names), or names
-            a module that cannot be adapted.
+        TargetError: the selection matches nothing (the message lists the nearest names), matches
+            only modules the method cannot adapt (the message says what it can adapt here), or
+            names a module that cannot be adapted.
     """
     selectors = _as_list(targets)
     excluded_sel = _as_list(exclude)
@@ -100,23 +124,32 @@ def select_modules(
         (isinstance(s, str) and _by_name(s, p)) or _by_pattern(s, p, m) for s in excluded_sel)]
     chosen: list[str] = []
     refused: list[str] = []
+    unfit: list[str] = []  # matched by a pattern, but not adaptable
     for path, module in modules:
         if is_under(path, excluded):
             continue
         named = any(isinstance(s, str) and _by_name(s, path) for s in selectors)
         if named:
             (chosen if can_adapt(module) else refused).append(path)
-        elif any(_by_pattern(s, path, module) for s in selectors) and can_adapt(module):
-            chosen.append(path)
+        elif any(_by_pattern(s, path, module) for s in selectors):
+            (chosen if can_adapt(module) else unfit).append(path)
     if refused:
         kinds = ", ".join(f"{p} ({type(model.get_submodule(p)).__name__})" for p in refused[:5])
-        raise TargetError(
-            f"{what} {selectors!r} name modules this method cannot adapt: {kinds}. "
-            "Select the layers inside them instead (by suffix, regex or type)."
-        )
+        inner = [p for p, m in modules if any(is_under(p, [r]) and p != r for r in refused) and can_adapt(m)]
+        hint = (f" Select the layers inside them instead (by suffix, regex or type), e.g. {', '.join(inner[:3])}."
+                if inner else f" Nothing inside them can be adapted either; in {type(model).__name__}, {method} can "
+                              f"adapt: {_adaptable(model, can_adapt)}.")
+        raise TargetError(f"{what} {selectors!r} name modules {method} cannot adapt: {kinds}.{hint}")
     if not chosen:
+        if unfit:
+            kinds = ", ".join(f"{p} ({type(model.get_submodule(p)).__name__})" for p in unfit[:5])
+            raise TargetError(f"{what} {selectors!r} match {len(unfit)} module(s), {kinds}, none of which {method} can "
+                              f"adapt; in {type(model).__name__} it can adapt: {_adaptable(model, can_adapt)}.")
         wanted = next((s for s in selectors if isinstance(s, str)), "")
-        hint = f" Nearest module names: {', '.join(nearest_names(model, wanted))}." if wanted else ""
+        near = nearest_names(model, wanted) if wanted else []
+        hint = (f" Nearest module names: {', '.join(near)}." if near else
+                f" No module name is close to {wanted!r}; the most common names in it are: "
+                f"{', '.join(_common_names(model))}." if wanted else "")
         raise TargetError(f"{what} {selectors!r} (exclude={excluded_sel!r}) match no module of {type(model).__name__}.{hint}")
     return chosen
 

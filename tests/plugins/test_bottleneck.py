@@ -131,7 +131,8 @@ def test_resnets_out_of_the_box(builder, tmp_path: Path) -> None:
         base = net.eval()(x)
     m = peftkit.wrap(net, "parallel_adapter")
     paths = m.peft_adapters["default"].paths
-    assert paths == [p for p, mod in net.named_modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3)]
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(net, f"layer{i}")))]
+    assert paths == blocks  # one per residual block, the downsampling ones (stride 2, more channels) included
     with torch.no_grad():
         torch.testing.assert_close(m.eval()(x), base, rtol=0, atol=0)
     _randomise(m)

@@ -44,8 +44,9 @@ class Entry:
         prefix: Prefix of the target's tensor names as seen from the host (``""`` or ``"out_proj."``).
         adapter: The Adapter module, for an adapter entry.
         replacement: For a ``train`` entry, the trained copy whose tensors replace the host's.
-        mapping: With ``replacement``: host tensor name -> copy tensor name, when only some tensors
-            are replaced (a tensor tied to a trained module's); default: all, by their own names.
+        mapping: Host tensor name -> the tensor's name in the target (or the ``train`` copy), for an
+            entry on a module that shares a tensor with the target (tied weights); default: all the
+            target's tensors, by their own names.
         persistent: Applies even while its adapter is merged (it has no weight-space form).
     """
 
@@ -67,7 +68,7 @@ class Entry:
         only use the delta."""
         a = self.adapter
         assert a is not None
-        if self.prefix:
+        if self.prefix or self.mapping is not None:  # the host reads the target's tensors: weight space only
             return "delta"
         training = self.trains(grad)
         if training and a.has_delta and a.folds_in_training(self.target):
@@ -87,7 +88,7 @@ class Entry:
     @property
     def can_stand_in(self) -> bool:
         """Whether the adapter offers :meth:`~peftkit.Adapter.stand_in` on a target that is its own host."""
-        return self.adapter is not None and not self.prefix and self.adapter.has_stand_in
+        return self.adapter is not None and not self.prefix and self.mapping is None and self.adapter.has_stand_in
 
     def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this adapter computes the host's whole output for this call (training only)."""
@@ -232,10 +233,11 @@ class Slot:
                 with torch.set_grad_enabled(grad and form == "delta"):
                     deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
                 for name, d in (deltas or {}).items():
-                    key = e.prefix + name
-                    base = subs[key] if key in subs else _get(self.host, key)
-                    # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
-                    subs[key] = add_delta(base, detach_delta(d) if form == "fold" else d)
+                    keys = [e.prefix + name] if e.mapping is None else [h for h, t in e.mapping.items() if t == name]
+                    for key in keys:
+                        base = subs[key] if key in subs else _get(self.host, key)
+                        # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
+                        subs[key] = add_delta(base, detach_delta(d) if form == "fold" else d)
         return subs
 
     def clear_cache(self) -> None:

@@ -192,12 +192,17 @@ class Method:
             fingerprint includes a content hash of the targeted base tensors).
         adapts_targets: False for a method that only trains whole modules (see
             :meth:`trained_modules`) and so takes no ``targets``.
+        follows_ties: Whether the deltas belong to parameters rather than to the modules using
+            them (FISH): a delta on a tensor that other modules share (tied weights) then applies
+            in all of them, as training the parameter itself would. Otherwise (LoRA, as in PEFT) it
+            applies in the targeted module only.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     hash_base_values: ClassVar[bool] = False
     adapts_targets: ClassVar[bool] = True
+    follows_ties: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -198,7 +198,7 @@ class AdaptedModel(nn.Module):
         self._records: dict[str, _Record] = {}
         self._state = RuntimeState()
         self._slots: dict[str, Slot] = {}
-        self._unchecked: set[str] = set()
+        self._unchecked: dict[str, list[str]] = {}  # "adapter/path" -> hosts, checked on the next training call
         self._detached = False
         self._orig_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
@@ -245,8 +245,9 @@ class AdaptedModel(nn.Module):
         self._hold_frozen_norms()
         check = bool(self._unchecked) and self.training and torch.is_grad_enabled()
         if check:
-            for h in self._unchecked:
-                self._slots[h].fired = False
+            for hosts in self._unchecked.values():
+                for h in hosts:
+                    self._slots[h].fired = False
         try:
             out = self.base_model(*args, **kwargs)
         finally:  # an interrupted forward (Ctrl-C skips PyTorch's always-called hooks) leaves nothing substituted
@@ -255,7 +256,8 @@ class AdaptedModel(nn.Module):
             for _, guard in self._guards:
                 guard.unwind()
         if check:
-            dead = sorted(h for h in self._unchecked if h in self._slots and not self._slots[h].fired)
+            dead = sorted(key.partition("/")[2] for key, hosts in self._unchecked.items()
+                          if not any(self._slots[h].fired for h in hosts if h in self._slots))
             self._unchecked.clear()
             if dead:
                 warnings.warn(
@@ -427,23 +429,28 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         base = self.base_model
         mods = prepared.modules
-        entries: list[tuple[str, Entry]] = []
+        entries: list[tuple[str, str, Entry]] = []  # (host, what it adapts, entry)
         for path, adapter in mods.items():
             host, prefix = _host(base, path, adapter)
-            entries.append((host, Entry(name, base.get_submodule(path), prefix, adapter=adapter)))
+            target = base.get_submodule(path)
+            entries.append((host, path, Entry(name, target, prefix, adapter=adapter)))
+            if prepared.method.follows_ties and not prefix:  # a parameter's delta applies wherever it is read
+                for other, tname, cname in tied_aliases(base, path):
+                    entries.append((other, path, Entry(name, target, adapter=adapter, mapping={tname: cname})))
         for path, c in mods.train_items():
-            entries.append((path, Entry(name, base.get_submodule(path), replacement=c)))
+            entries.append((path, path, Entry(name, base.get_submodule(path), replacement=c)))
             if path not in mods.fresh:  # a tensor tied to another module's (lm_head ~ embedding) stays tied
                 for other, tname, cname in tied_aliases(base, path):
-                    entries.append((other, Entry(name, base.get_submodule(other), replacement=c, mapping={tname: cname})))
+                    entries.append((other, path, Entry(name, base.get_submodule(other), replacement=c,
+                                                       mapping={tname: cname})))
         if mods.heads is not None:
-            entries.append((mods.heads_path, Entry(name, base.get_submodule(mods.heads_path), adapter=mods.heads,
-                                                   persistent=True)))
-        for host, entry in entries:
+            entries.append((mods.heads_path, mods.heads_path, Entry(name, base.get_submodule(mods.heads_path),
+                                                                    adapter=mods.heads, persistent=True)))
+        for host, adapted, entry in entries:
             if host not in self._slots:
                 self._slots[host] = Slot(base.get_submodule(host), self._state)
-            if entry.mapping is None:  # a tied alias (T5's unused `shared`) may never run: that is fine
-                self._unchecked.add(host)
+            # alive when any module reading its tensors runs (T5 never calls `shared`, only its aliases)
+            self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
         self.peft_adapters[name] = mods
         self._records[name] = _Record(prepared.method, prepared.info, mods, cache=dict(prepared.cache))
@@ -480,7 +487,7 @@ class AdaptedModel(nn.Module):
             if not slot.entries:
                 slot.remove()
                 del self._slots[host]
-                self._unchecked.discard(host)
+        self._unchecked = {k: v for k, v in self._unchecked.items() if not k.startswith(f"{name}/")}
         del self._records[name]
         del self.peft_adapters[name]
         self._state.active = [n for n in self._state.active if n != name]
@@ -505,7 +512,8 @@ class AdaptedModel(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------
     def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, Delta]]:
-        """(description, base tensor, delta) for each weight-space contribution of an adapter."""
+        """(the tensor's name in the backbone, base tensor, delta) for each weight-space contribution
+        of an adapter."""
         rec = self._records[name]
         for path, adapter in rec.modules.items():
             target = self.base_model.get_submodule(path)
@@ -517,7 +525,19 @@ class AdaptedModel(nn.Module):
                 )
             for tname, d in deltas.items():
                 store, key = tensor_slot(target, tname)
-                yield f"{path}.{tname}", store[key], d
+                yield _join(path, tname), store[key], d
+
+    def _applied_at(self, name: str) -> dict[str, set[str]]:
+        """For an adapter whose deltas follow tied weights: the tensor's name -> every name under which
+        the delta is applied unmerged (the target's, and its tied aliases')."""
+        rec = self._records[name]
+        if not rec.method.follows_ties:
+            return {}
+        applied: dict[str, set[str]] = {}
+        for path in rec.modules.paths:
+            for other, tname, cname in tied_aliases(self.base_model, path):
+                applied.setdefault(_join(path, cname), {_join(path, cname)}).add(_join(other, tname))
+        return applied
 
     def merge(self) -> None:
         """Fold the active adapters into the backbone's weights (idempotent).
@@ -540,10 +560,10 @@ class AdaptedModel(nn.Module):
         readers = _readers(self.base_model)
         with torch.no_grad():
             for n in names:  # check everything before changing anything
+                applied = self._applied_at(n)
                 for what, base, d in self._deltas(n):
-                    shared = readers.get(id(base), [])
-                    if len(shared) > 1:
-                        others = [r for r in shared if r != what] or shared[1:]
+                    others = [r for r in readers.get(id(base), []) if r not in applied.get(what, {what})]
+                    if others:
                         raise MergeError(
                             f"adapter {n!r} cannot be merged: its delta on {what} would also change "
                             f"{', '.join(others[:3])}, which share{'s' if len(others) == 1 else ''} that tensor (tied "
@@ -735,6 +755,11 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
         m.training = training.get(n, m.training)
 
 
+def _join(path: str, name: str) -> str:
+    """A tensor's full name: ``path.name``, or ``name`` on the root module."""
+    return f"{path}.{name}" if path else name
+
+
 def _readers(model: nn.Module) -> dict[int, list[str]]:
     """id(tensor) -> every name under which the model reads it: the same tensor registered in two
     modules (tied weights), or tensors sharing one storage, all change when it is changed in place."""
@@ -744,7 +769,7 @@ def _readers(model: nn.Module) -> dict[int, list[str]]:
         for n, t in [*m._parameters.items(), *m._buffers.items()]:
             if t is None:
                 continue
-            by_tensor.setdefault(id(t), {})[(id(m), n)] = f"{path}.{n}" if path else n
+            by_tensor.setdefault(id(t), {})[(id(m), n)] = _join(path, n)
             if t.device.type != "meta" and t.numel():
                 by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), set()).add(id(t))
     names = {i: list(found.values()) for i, found in by_tensor.items()}

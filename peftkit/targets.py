@@ -10,10 +10,12 @@ A *selector* is one of:
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import inspect
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +28,8 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["OutputLayers", "Selection", "Selector", "find_blocks", "find_output_layer", "host_of", "is_projection",
-           "is_under", "matches", "output_layers", "select_modules", "tied_aliases"]
+__all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "find_blocks", "find_output_layer", "host_of",
+           "is_projection", "is_under", "matches", "output_layers", "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -381,25 +383,62 @@ def _flatten(obj: Any) -> list[Any]:
     return [obj]
 
 
-@functools.cache
-def _forward_source(cls: type) -> str:
-    """Source of the class and its bases up to nn.Module: forward may delegate to helper methods
-    (nn.TransformerEncoderLayer's ``_sa_block``)."""
-    parts = []
+def _method(cls: type, name: str) -> Any:
+    """The function behind ``cls.<name>`` (a method, static/class method or property), up to nn.Module."""
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
-            break
-        try:
-            parts.append(inspect.getsource(klass))
-        except (OSError, TypeError):
+            return None
+        if name in klass.__dict__:
+            found = klass.__dict__[name]
+            found = getattr(found, "fget", None) or getattr(found, "__func__", found)
+            return found if inspect.isfunction(found) else None
+    return None
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    """Source of ``forward`` and of the methods it calls on ``self``, transitively, over the class's
+    bases up to nn.Module (nn.TransformerEncoderLayer's forward delegates to ``_sa_block``). Other
+    methods (a timm PatchEmbed's ``set_input_size``) never run in a forward pass."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    todo = ["forward"]
+    while todo:
+        name = todo.pop()
+        fn = _method(cls, name) if name not in seen else None
+        seen.add(name)
+        if fn is None:
             continue
+        try:
+            source = textwrap.dedent(inspect.getsource(fn))
+            tree = ast.parse(source)
+        except (OSError, TypeError, SyntaxError):
+            continue
+        parts.append(source)
+        todo += [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "self"]
     return "\n".join(parts)
+
+
+def attributes_read(ancestor: nn.Module, rel: str) -> set[str]:
+    """The attributes of submodule ``rel`` that ``ancestor``'s forward reads (``self.conv1.stride``,
+    ``self.proj.weight``), calls excluded (``self.proj(x)``, ``self.proj.forward(x)``)."""
+    return set(_source_attributes(type(ancestor), rel))
+
+
+@functools.cache
+def _source_attributes(cls: type, rel: str) -> frozenset[str]:
+    return frozenset(re.findall(rf"self\.{re.escape(rel)}\.([A-Za-z_]\w*)\b(?!\s*\()", _forward_source(cls)))
 
 
 def reads_directly(ancestor: nn.Module, rel: str) -> bool:
     """Whether ``ancestor``'s code reads the tensors of its submodule ``rel`` itself (e.g.
-    ``F.linear(x, self.qkv.weight)``) instead of (only) calling that submodule."""
-    return _source_reads(type(ancestor), rel)
+    ``F.linear(x, self.qkv.weight)``) instead of (only) calling that submodule. Looking at a tensor's
+    metadata (``self.wo.weight.dtype``, ``isinstance(self.wo.weight, ...)``) or at other attributes
+    (``self.conv1.stride``) is not reading it."""
+    child = ancestor.get_submodule(rel)
+    names = tuple(sorted({*child._parameters, *child._buffers}))
+    return bool(names) and _source_reads(type(ancestor), rel, names)
 
 
 def calls_forward(ancestor: nn.Module, rel: str) -> bool:
@@ -407,11 +446,17 @@ def calls_forward(ancestor: nn.Module, rel: str) -> bool:
     return _source_calls(type(ancestor), rel)
 
 
+_METADATA = r"dtype|shape|device|size|dim|ndim|numel|nelement|element_size|requires_grad|data_ptr|is_\w+|layout|names"
+
+
 # Per (class, child path): a model repeats a few block classes many times, and loading an adapter
 # asks the same questions for every block.
 @functools.cache
-def _source_reads(cls: type, rel: str) -> bool:
-    return re.search(rf"self\.{re.escape(rel)}\.[A-Za-z_]\w*(?!\w|\s*\()", _forward_source(cls)) is not None
+def _source_reads(cls: type, rel: str, names: tuple[str, ...]) -> bool:
+    tensor = "|".join(re.escape(n) for n in names)
+    pattern = (rf"(?<!isinstance\()self\.{re.escape(rel)}\.(?:{tensor})\b"  # one of the child's own tensors ...
+               rf"(?!\s*\(|\s*\.\s*(?:{_METADATA})\b)")  # ... used as a tensor, not called nor only inspected
+    return re.search(pattern, _forward_source(cls)) is not None
 
 
 @functools.cache

@@ -179,6 +179,8 @@ class BottleneckAdapter(peftkit.Adapter):
 
     def _check(self, t: Any, want: int, what: str, module: nn.Module) -> torch.Tensor:
         dim = 1 if self.spatial else -1
+        if isinstance(t, torch.Tensor) and t.is_nested:  # nn.TransformerEncoder's packed inference path
+            return t
         if not isinstance(t, torch.Tensor) or t.dim() < (self.dims + 2 if self.spatial else 1) or t.shape[dim] != want:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise TargetError(

@@ -122,6 +122,7 @@ class Fish(peftkit.Method):
     name = "fish"
     Config = FishConfig
     hash_base_values = True  # deltas are for these exact base values
+    follows_ties = True  # it trains entries of parameters: a tied parameter changes wherever it is used
 
     def setup(self, model: nn.Module, trained: Sequence[str], trained_parameters: int) -> None:
         c = self.config

@@ -34,7 +34,7 @@ from peftkit.errors import AdapterFileError, BackboneMismatchError, ConfigError
 from peftkit.formats import Format
 from peftkit.model import AdaptedModel, Prepared, build
 from peftkit.plugins import get_method
-from peftkit.targets import host_of
+from peftkit.targets import attributes_read, host_of
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -271,23 +271,54 @@ def _check_peft_applies(base: nn.Module, mods: Any) -> None:
             f"PEFT loads onto a model whose {path!r} already has {outputs} outputs, as when it was trained with PEFT: "
             f"replace it before PeftModel.from_pretrained (model.{path} = {_describe(layer, outputs)}).",
             UserWarning, stacklevel=4)
-    unreachable = []
+    unreachable, missing = [], []
     for path, a in mods.items():
         host, prefix = host_of(base, path)
-        if prefix and not isinstance(a, BiasDelta):  # a bias is written as its full value, read wherever it is
+        if isinstance(a, BiasDelta):  # a bias is written as its full value, read wherever it is
+            continue
+        if prefix:
             unreachable.append(f"{path} (read by {type(base.get_submodule(host)).__name__} {host!r})")
+        elif not isinstance(a, MultiheadAttentionLoRA):
+            parts = path.split(".")
+            for depth in range(len(parts)):  # what the enclosing modules read of it, beyond PEFT's layer's surface
+                ancestor = base.get_submodule(".".join(parts[:depth]))
+                extra = sorted(attributes_read(ancestor, ".".join(parts[depth:])) - _PEFT_LAYER_SURFACE)
+                if extra:
+                    missing.append(f"{path} ({type(ancestor).__name__} reads its {', '.join(extra)})")
+            if isinstance(a, ConvLoRA) and not _peft_can_build(base.get_submodule(path)):
+                missing.append(f"{path} (PEFT builds its LoRA layers with the layer's own class, "
+                               f"{type(base.get_submodule(path)).__name__}, whose constructor does not take nn.Conv's)")
         elif isinstance(a, MultiheadAttentionLoRA) and bool(a.out_proj.lora_B.detach().abs().max() > 0) \
                 and peft_doubles_mha_out_proj():
             raise ConfigError(
                 f"{path!r}: PEFT (up to {_peft_version()}, huggingface/peft PR #3774) applies a MultiheadAttention's "
                 "out_proj delta twice, so it would compute something else than this adapter. Export is refused until "
                 "a PEFT with the fix is installed; peftkit's own file (peftkit.save) keeps the adapter exactly.")
+    if missing:
+        raise ConfigError(
+            f"PEFT could not run LoRA on {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}: PEFT replaces "
+            "each target by its own LoRA layer, which has only weight, bias, in_features and out_features, so PEFT's "
+            "model would fail there. Export is refused; leave these layers out of targets to export the rest, or "
+            "keep peftkit's own file (peftkit.save).")
     if unreachable:
         raise ConfigError(
             f"PEFT cannot apply LoRA to {', '.join(unreachable[:4])}{' …' if len(unreachable) > 4 else ''}: the parent "
             "reads these weights directly (a fused inference path, or a function given the weight), so PEFT's LoRA "
             "layer would be skipped there and its model would silently compute something else. Export is refused; "
             "peftkit's own file (peftkit.save) applies these adapters where the weights are read.")
+
+
+_PEFT_LAYER_SURFACE = {"weight", "bias", "in_features", "out_features"}  # what PEFT's LoRA layers expose
+
+
+def _peft_can_build(conv: nn.Module) -> bool:
+    """Whether PEFT's conv LoRA can build its factors with ``type(conv)(in, r, kernel, stride, padding, bias=False)``."""
+    try:
+        with torch.device("meta"):
+            type(conv)(conv.in_channels, 1, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    except Exception:
+        return False
+    return True
 
 
 def _describe(layer: nn.Module, outputs: int) -> str:

@@ -35,8 +35,8 @@ NOISE = 0.15  # target-domain pixel noise
 RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     "last_layer": ({}, 1e-2),
     "lora": ({"r": 4, "alpha": 8, "train": ["fc"]}, 3e-3),
-    "serial_adapter": ({"reduction": 8, "train": ["fc"]}, 3e-3),
-    "parallel_adapter": ({"reduction": 8, "train": ["fc"]}, 3e-3),
+    "serial_adapter": ({"reduction": 4, "train": ["fc"]}, 1e-2),
+    "parallel_adapter": ({"reduction": 4, "train": ["fc"]}, 1e-2),
     "fish": ({"keep": 0.03, "samples": 256, "train": ["fc"]}, 3e-3),
 }
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import nn
 
 from .errors import AdapterFileError, UnknownMethodError
-from .model import AdaptedModel, Prepared, ensure_unwrapped
+from .model import AdaptedModel, Prepared, attach, check_name, ensure_unwrapped
 
 __all__ = ["Format", "export", "find_format", "import_adapter"]
 
@@ -64,13 +64,15 @@ def import_adapter(model: nn.Module, path: str | os.PathLike[str], format: str |
     fmt = _format(format) if format else find_format(path)
     if fmt is None:
         raise AdapterFileError(f"{str(path)!r} is in no format peftkit knows (see peftkit.formats)")
+    check_name(name)
     if not isinstance(model, AdaptedModel):
         ensure_unwrapped(model)
     prepared = fmt.read(model.base_model if isinstance(model, AdaptedModel) else model, Path(path))
-    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
-    adapted.install(name, prepared)
-    adapted.set_adapter(name)
-    return adapted
+    if not isinstance(model, AdaptedModel):
+        return attach(model, name, prepared)
+    model.install(name, prepared)
+    model.set_adapter(name)
+    return model
 
 
 def export(model: AdaptedModel, path: str | os.PathLike[str], format: str, adapter: str | None = None) -> Path:

@@ -11,20 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from . import distributed
+from . import container, distributed
 from .attach import TensorStamp, stamps_match
-from .errors import AdapterFileError, BackboneMismatchError, ConfigError, UnknownMethodError
-from .model import AdaptedModel, AdapterSet, Prepared, build, ensure_unwrapped
-from .plugins import get_method
+from .errors import AdapterFileError, BackboneMismatchError, ConfigError, PeftkitError, UnknownMethodError
+from .method import Method
+from .model import AdaptedModel, AdapterSet, Prepared, attach, build, check_name, ensure_unwrapped
+from .plugins import MethodInfo, get_method
 from .targets import nearest_names
 
 __all__ = ["FORMAT_VERSION", "AdapterHeader", "hotswap", "load", "read_header", "save"]
@@ -103,6 +103,13 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     held = mods.file_tensors()
     sharded = any(distributed.is_dtensor(t) for t in held.values()) or distributed.is_sharded(base)
     tensors = {k: distributed.full_tensor(t.detach()).contiguous().cpu() for k, t in held.items()}
+    for k, t in tensors.items():  # checked on every rank, before any writes: nothing half-done, no rank left waiting
+        container.dtype_name(t.dtype, f"adapter tensor {k!r}")
+    bad = [k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was "
+                          "written (a file with them would be refused when loaded). Lower the learning rate, or "
+                          "load an earlier checkpoint.")
     described = describe_targets(base, mods)
     meta = {
         "peftkit.format": FORMAT_VERSION,
@@ -117,44 +124,10 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     }
     dest = Path(path)
     if writer is None or distributed.rank() == writer:
-        _write(dest, tensors, meta)
+        container.write_atomic(dest, tensors, meta)
     if sharded and distributed.world_size() > 1:
         torch.distributed.barrier()  # the file exists on every rank's return
     return dest
-
-
-def _write(dest: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _serialize(tensors, meta, f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str], f: Any) -> None:
-    """Write the safetensors format with every key sorted, so equal contents give equal bytes in any
-    process (``safetensors.save_file`` orders metadata by a per-process hash seed). Tensors are laid
-    out widest dtype first, which keeps each one aligned to its element size."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset = 0
-    for k in order:
-        t = tensors[k]
-        size = t.numel() * t.element_size()
-        header[k] = {"dtype": _st_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    text += b" " * (-len(text) % 8)
-    f.write(len(text).to_bytes(8, "little"))
-    f.write(text)
-    for k in order:
-        t = tensors[k].detach().contiguous().cpu()
-        if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
@@ -181,7 +154,8 @@ def _version() -> str:
 
 @dataclass
 class AdapterHeader:
-    """An adapter file's metadata and tensor table, read without loading the tensors."""
+    """An adapter file's metadata and tensor table, read without loading the tensors (every field
+    checked for type)."""
 
     path: Path
     method: str
@@ -195,57 +169,88 @@ class AdapterHeader:
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(_numel(s) * _DTYPE_BYTES.get(d, 4) for s, d in self.tensors.values())
+        total = 0
+        for shape, dtype in self.tensors.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * container.DTYPES[dtype].itemsize
+        return total
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_ROLES = ("target", "train", "head", "heads")
+_DISTRIBUTION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")  # a valid (PEP 508) package name
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def shown(value: Any, limit: int = 80) -> str:
+    """A value from a file, safe to print: quoted, control characters escaped, cut to ``limit``."""
+    text = repr(value) if isinstance(value, str) else repr(str(value))
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-1]
 
 
 def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
     """Read and check an adapter file's metadata (no backbone needed).
 
     Raises:
-        AdapterFileError: missing, not a safetensors file, truncated, corrupt, not a peftkit file,
-            or written by a newer format version.
+        AdapterFileError: missing, not a regular file, not a safetensors file, truncated, corrupt,
+            not a peftkit file, malformed metadata, or written by a newer format version.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise AdapterFileError(f"adapter file {str(p)!r} does not exist")
+    with container.Snapshot(path) as snap:
+        return _header(snap)
+
+
+def _metadata_json(text: str, key: str, where: str, kind: type) -> Any:
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {}
-            for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                sl = f.get_slice(k)
-                tensors[k] = (list(sl.get_shape()), sl.get_dtype())
-    except Exception as exc:
-        raise AdapterFileError(f"{str(p)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    with p.open("rb") as f:
-        data_end = 8 + int.from_bytes(f.read(8), "little")
-    expected = data_end + sum(_numel(s) * _DTYPE_BYTES.get(d, 0) for s, d in tensors.values())
-    if p.stat().st_size < expected:
-        raise AdapterFileError(f"{str(p)!r} is truncated: {p.stat().st_size} bytes, its header describes {expected}")
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFileError(f"{where} has corrupt metadata {key} ({type(exc).__name__})") from None
+    if not isinstance(value, kind):
+        raise AdapterFileError(f"{where}: metadata {key} is a JSON {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def _header(snap: container.Snapshot) -> AdapterHeader:
+    meta, where = snap.metadata, repr(str(snap.path))
     missing = [k for k in _KEYS if k not in meta]
     if missing:
-        raise AdapterFileError(f"{str(p)!r} is not a peftkit adapter file: metadata lacks {', '.join(missing)}")
+        raise AdapterFileError(f"{where} is not a peftkit adapter file: metadata lacks {', '.join(missing)}")
     if meta["peftkit.format"] != FORMAT_VERSION:
-        raise AdapterFileError(f"{str(p)!r} uses adapter format {meta['peftkit.format']!r}; this peftkit reads "
+        raise AdapterFileError(f"{where} uses adapter format {shown(meta['peftkit.format'])}; this peftkit reads "
                                f"format {FORMAT_VERSION!r}. Upgrade peftkit (pip install -U peftkit).")
-    try:
-        parsed = {k: json.loads(meta[k]) for k in ("peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")}
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{str(p)!r} has corrupt metadata: {exc}") from exc
-    return AdapterHeader(p, meta["peftkit.method"], parsed["peftkit.plugin"], parsed["peftkit.config"],
-                         parsed["peftkit.targets"], parsed["peftkit.backbone"], meta.get("peftkit.adapter", "default"),
+    method = meta["peftkit.method"]
+    if not method or len(method) > 200 or not method.isprintable():
+        raise AdapterFileError(f"{where} names method {shown(method)}, which is not a method name")
+    plugin = _metadata_json(meta["peftkit.plugin"], "peftkit.plugin", where, dict)
+    if not all(isinstance(v, str) for v in plugin.values()):
+        raise AdapterFileError(f"{where}: metadata peftkit.plugin holds non-string values")
+    config = _metadata_json(meta["peftkit.config"], "peftkit.config", where, dict)
+    targets = _metadata_json(meta["peftkit.targets"], "peftkit.targets", where, dict)
+    for path, entry in targets.items():
+        _check_target(path, entry, where)
+    backbone = _metadata_json(meta["peftkit.backbone"], "peftkit.backbone", where, dict)
+    if not isinstance(backbone.get("layout"), str) or not isinstance(backbone.get("values"), (str, type(None))):
+        raise AdapterFileError(f"{where}: metadata peftkit.backbone needs a 'layout' string and a 'values' string or null")
+    tensors = {k: (list(t.shape), t.dtype) for k, t in snap.tensors.items()}
+    return AdapterHeader(snap.path, method, plugin, config, targets, backbone, meta.get("peftkit.adapter", "default"),
                          tensors, dict(meta))
+
+
+def _check_target(path: Any, entry: Any, where: str) -> None:
+    """One row of the targets table: ``{class: str, role: str, shapes: {name: [int]}, spec?: {...}}``."""
+    ok = (isinstance(entry, dict) and isinstance(entry.get("class"), str) and entry.get("role") in _ROLES
+          and isinstance(entry.get("shapes"), dict) and isinstance(entry.get("spec", {}), dict)
+          and all(isinstance(k, str) and isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)
+                  for k, v in entry["shapes"].items()))
+    if not ok:
+        raise AdapterFileError(f"{where}: the targets table's row for {shown(path)} is malformed (expected class, "
+                               f"role one of {', '.join(_ROLES)}, shapes as lists of integers, and an optional spec)")
+    spec = entry.get("spec", {})
+    if entry["role"] == "head" and not (type(spec.get("outputs")) is int and spec["outputs"] >= 1):
+        raise AdapterFileError(f"{where}: head {shown(path)} declares outputs {shown(spec.get('outputs'))}, not a count")
+    if entry["role"] == "heads" and not (isinstance(spec.get("heads"), dict) and spec["heads"]
+                                         and all(isinstance(k, str) and type(v) is int and v >= 1
+                                                 for k, v in spec["heads"].items())):
+        raise AdapterFileError(f"{where}: heads at {shown(path)} are malformed (expected name -> outputs)")
 
 
 def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
@@ -285,44 +290,84 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
             "(same architecture, other values). Load it onto the exact pretrained weights it was trained on.")
 
 
-def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[AdapterHeader, Prepared]:
-    """Validate an adapter file against ``model`` and build its adapter, without touching ``model``."""
-    header = read_header(path)
+def _method(header: AdapterHeader) -> tuple[MethodInfo, Method]:
+    """The installed method the file needs, configured from the file (refused with a safe message)."""
+    where = repr(str(header.path))
     try:
         info = get_method(header.method)
     except UnknownMethodError as exc:
         plug = header.plugin
+        dist = plug.get("distribution", "")
+        hint = (f"install it (pip install {dist}) and retry" if _DISTRIBUTION.fullmatch(dist) else
+                "no install command is suggested, as that is not a valid package name")
         raise UnknownMethodError(
-            f"{str(header.path)!r} needs method {header.method!r} from plugin distribution "
-            f"{plug.get('distribution')!r} (version {plug.get('version')}); install it "
-            f"(pip install {plug.get('distribution')}) and retry. {exc}") from None
+            f"{where} needs method {shown(header.method)}, written by plugin {shown(plug.get('entry_point', '?'))} of "
+            f"distribution {shown(dist)} (version {shown(plug.get('version', '?'))}); {hint}. {exc}") from None
     try:
-        method = info.cls.configure(**header.config)
+        return info, info.cls.configure(**header.config)
     except ConfigError as exc:
-        raise AdapterFileError(f"{str(header.path)!r} has a config the installed {info.distribution} "
-                               f"{info.version} does not accept (written by {header.plugin.get('version')}): {exc}") from exc
-    _check_backbone(model, header)
-    roles = {p: t["role"] for p, t in header.targets.items()}
-    specs = {p: t.get("spec", {}) for p, t in header.targets.items()}
-    unknown = sorted({r for r in roles.values()} - {"target", "train", "head", "heads"})
-    if unknown:
-        raise AdapterFileError(f"{str(header.path)!r} has target roles {unknown} this peftkit does not know; upgrade peftkit")
-    try:
-        prepared = build(model, method, info, [p for p, r in roles.items() if r == "target"],
-                         [p for p, r in roles.items() if r in ("train", "head")], specs,
-                         fresh={p: specs[p]["outputs"] for p, r in roles.items() if r == "head"},
-                         heads=next(((p, specs[p]["heads"]) for p, r in roles.items() if r == "heads"), None))
-    except (KeyError, TypeError) as exc:
-        raise AdapterFileError(f"{str(header.path)!r} has incomplete target specs: {exc}") from exc
-    expected = prepared.modules.file_tensors()
-    values = _read_tensors(header, expected)
+        raise AdapterFileError(f"{where} has a config the installed {info.distribution} {info.version} does not accept "
+                               f"(written by {shown(header.plugin.get('version', '?'))}): {exc}") from exc
+    except Exception as exc:  # a plugin's config rejecting a value in an unplanned way
+        raise AdapterFileError(f"{where} has a config method {info.name!r} cannot take: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}") from None
+
+
+def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[AdapterHeader, Prepared]:
+    """Validate an adapter file against ``model`` and build its adapter, without touching ``model``.
+
+    In this order, everything from one snapshot of the file: the header (types, sizes against the
+    file's bytes), the method and its config, the backbone (modules, classes, shapes, fingerprint),
+    then a dry run of the build on the meta device whose tensors must match the file's table, so
+    that no size the file declares is allocated before the file is known to hold it. Only then the
+    real build, the values (which must be finite) and the adapters' own checks.
+    """
+    with container.Snapshot(path) as snap:
+        header = _header(snap)
+        info, method = _method(header)
+        _check_backbone(model, header)
+        roles = {p: t["role"] for p, t in header.targets.items()}
+        specs = {p: t.get("spec", {}) for p, t in header.targets.items()}
+        parts = ([p for p, r in roles.items() if r == "target"], [p for p, r in roles.items() if r in ("train", "head")])
+        layout = {"specs": specs, "fresh": {p: specs[p]["outputs"] for p, r in roles.items() if r == "head"},
+                  "heads": next(((p, specs[p]["heads"]) for p, r in roles.items() if r == "heads"), None)}
+        where = repr(str(header.path))
+        try:
+            plan = build(model, method, info, *parts, **layout, on_meta=True)
+        except PeftkitError:
+            raise
+        except Exception as exc:  # a spec the method cannot build from
+            raise AdapterFileError(f"{where} has target specs method {method.name!r} cannot build from: "
+                                   f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        _check_tensors(header, plan.modules.file_tensors())
+        prepared = build(model, method, info, *parts, **layout)
+        expected = prepared.modules.file_tensors()
+        values = snap.read(list(expected))
+    _check_finite(header, values)
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(values[k])
+    _validate(header, model, prepared.modules)
     # the hot swap of another file into this adapter compares against these (already checked here)
     prepared.cache = {"targets": header.targets, _fingerprint_key(header.backbone): header.backbone,
                       "stamps": [TensorStamp(t) for t in _touched(model, header.targets)]}
     return header, prepared
+
+
+def _check_finite(header: AdapterHeader, values: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, t in values.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(f"{str(header.path)!r} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; "
+                               "it would make every output NaN. Refused.")
+
+
+def _validate(header: AdapterHeader, model: nn.Module, modules: AdapterSet) -> None:
+    """The adapters' own checks of the values just loaded (e.g. FISH's positions inside their tensors)."""
+    for p, a in modules.items():
+        try:
+            a.validate(model.get_submodule(p))
+        except (ValueError, IndexError, TypeError, RuntimeError) as exc:
+            raise AdapterFileError(f"{str(header.path)!r}: the adapter for {p!r} does not fit its module: {exc}") from None
 
 
 def _touched(model: nn.Module, paths: Any) -> list[torch.Tensor]:
@@ -363,75 +408,87 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
     rec = model._record(name)
     if name in model._state.merged:
         raise ConfigError(f"adapter {name!r} is merged; unmerge() before hot swapping its weights")
-    header = read_header(path)
+    with container.Snapshot(path) as snap:
+        header = _header(snap)
+        _check_swappable(model, name, rec, header)
+        expected = rec.modules.file_tensors()
+        _check_tensors(header, expected)
+        values = snap.read(list(expected))
+    _check_finite(header, values)
+    with torch.no_grad():
+        before = {k: distributed.full_tensor(t.detach()).clone() for k, t in expected.items()}
+        try:
+            for k, dst in expected.items():
+                distributed.assign(dst, values[k])
+            _validate(header, model.base_model, rec.modules)
+        except BaseException:  # refused, or interrupted: the adapter keeps its values, all of them
+            for k, dst in expected.items():
+                distributed.assign(dst, before[k])
+            raise
+    model._drop_folded()
+    return name
+
+
+def _check_swappable(model: AdaptedModel, name: str, rec: Any, header: AdapterHeader) -> None:
+    """Whether a file can be swapped into adapter ``name`` (same method, options, targets, backbone)."""
     where = repr(str(header.path))
     if header.method != rec.method.name:
-        raise AdapterFileError(f"{where} holds a {header.method!r} adapter and {name!r} is {rec.method.name!r}; "
+        raise AdapterFileError(f"{where} holds a {shown(header.method)} adapter and {name!r} is {rec.method.name!r}; "
                                "load it as a new adapter with load_adapter() instead")
     mine = json.loads(rec.method.config_json())
     if header.config != mine:
-        diff = [f"{k}: file {header.config.get(k)!r} vs {mine.get(k)!r}"
+        diff = [f"{k}: file {shown(header.config.get(k), 40)} vs {mine.get(k)!r}"
                 for k in sorted(set(mine) | set(header.config)) if mine.get(k) != header.config.get(k)]
         raise AdapterFileError(f"{where} was trained with other options than adapter {name!r} ({'; '.join(diff[:4])}); "
                                "hot swapping needs the same options. Load it with load_adapter() instead.")
     base = model.base_model
     cached = rec.cache
-    touched = _touched(base, [*rec.modules.paths, *rec.modules.train_paths, *([rec.modules.heads_path] if rec.modules.heads is not None else [])])
+    touched = _touched(base, [*rec.modules.paths, *rec.modules.train_paths,
+                              *([rec.modules.heads_path] if rec.modules.heads is not None else [])])
     if not stamps_match(cached.get("stamps", []), touched):  # first swap, or the backbone changed (dtype, values)
         cached.clear()
         cached["stamps"] = [TensorStamp(t) for t in touched]
     if "targets" not in cached:
         cached["targets"] = describe_targets(base, rec.modules)
     if header.targets != cached["targets"]:
-        diff = sorted(p for p in set(header.targets) | set(cached["targets"])
+        diff = sorted(shown(p) for p in set(header.targets) | set(cached["targets"])
                       if header.targets.get(p) != cached["targets"].get(p))
         raise AdapterFileError(f"{where} adapts other modules, or the same ones with other shapes, than adapter "
-                               f"{name!r} (first differences: {diff[:3]}); load it with load_adapter() instead")
+                               f"{name!r} (first differences: {', '.join(diff[:3])}); load it with load_adapter() instead")
     key = _fingerprint_key(header.backbone)
     if key not in cached:
         cached[key] = fingerprint(base, list(cached["targets"]), header.backbone.get("values") is not None)
     if cached[key] != header.backbone:
         raise BackboneMismatchError(f"{where} was made for other base weights (or dtypes) than this model's; "
                                     "load it onto the backbone it was trained on")
-    expected = rec.modules.file_tensors()
-    values = _read_tensors(header, expected)
-    with torch.no_grad():
-        for k, dst in expected.items():
-            distributed.assign(dst, values[k])
-    model._drop_folded()
-    return name
 
 
-def _read_tensors(header: AdapterHeader, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's tensors, checked against the keys, shapes and dtypes ``expected`` (global shapes for
-    sharded tensors)."""
+def _check_tensors(header: AdapterHeader, expected: dict[str, torch.Tensor]) -> None:
+    """The file's tensor table against the keys, shapes and dtypes an adapter holds (global shapes for
+    sharded tensors), before any tensor is read."""
     where = repr(str(header.path))
     missing = sorted(set(expected) - set(header.tensors))
     unexpected = sorted(set(header.tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(f"{where} does not match its own metadata: missing tensors "
-                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-    wrong = [f"{k}: file {header.tensors[k][0]} {header.tensors[k][1]} vs expected {list(t.shape)} {_st_dtype(t.dtype)}"
-             for k, t in expected.items() if header.tensors[k] != (list(t.shape), _st_dtype(t.dtype))]
+                               f"{[shown(k) for k in missing[:5]]}, unexpected {[shown(k) for k in unexpected[:5]]}"
+                               + (f" (and {len(missing) + len(unexpected) - 10} more)" if len(missing) + len(unexpected) > 10 else ""))
+    wrong = []
+    for k, t in expected.items():
+        want = (list(t.shape), container.dtype_name(t.dtype))
+        if header.tensors[k] != want:
+            wrong.append(f"{shown(k)}: file {header.tensors[k][0]} {header.tensors[k][1]} vs expected {want[0]} {want[1]}")
     if wrong:
         raise AdapterFileError(f"{where} has tensors of the wrong shape or dtype: {'; '.join(wrong[:5])}")
-    try:
-        with safe_open(str(header.path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in expected}
-    except Exception as exc:
-        raise AdapterFileError(f"{where} could not be read (corrupt data?): {exc}") from exc
 
 
 def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
+    fd, _ = container.open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     return len(head) == 9 and head[8:9] == b"{"
-
-
-def _st_dtype(dtype: torch.dtype) -> str:
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}.get(dtype, str(dtype))
 
 
 def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> AdaptedModel:
@@ -468,8 +525,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
             model.load_adapter(path, name=name)
         return model
     ensure_unwrapped(model)
+    if name is not None:
+        check_name(name)
     header, prepared = read_adapter(model, path)
-    adapted = AdaptedModel(model)
-    adapted.install(name or header.adapter, prepared)
-    adapted.set_adapter(name or header.adapter)
-    return adapted
+    return attach(model, name or check_name(header.adapter, header.path), prepared)

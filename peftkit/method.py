@@ -162,6 +162,11 @@ class Adapter(nn.Module):
         others run the target's own forward with the weight-space form). Default: every call."""
         return True
 
+    def validate(self, module: nn.Module) -> None:
+        """Check values just loaded from a file, before the adapter is attached (optional): raise
+        ``ValueError`` saying what does not fit ``module`` (e.g. FISH's positions past the end of
+        their tensor), and the load is refused. Shapes and dtypes are checked by the core already."""
+
     @property
     def has_transform(self) -> bool:
         """Whether this adapter implements the output-space form."""

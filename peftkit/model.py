@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attach import Entry, RuntimeState, Slot, release, replacement_tensors, slots_in, tensor_slot
-from .errors import ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
+from .errors import AdapterFileError, ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
 from .heads import MultiHead, fresh_layer
 from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
@@ -147,38 +147,62 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
 
 def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str],
           specs: dict[str, dict[str, Any]] | None = None, fresh: dict[str, int] | None = None,
-          heads: tuple[str, dict[str, int]] | None = None) -> Prepared:
+          heads: tuple[str, dict[str, int]] | None = None, *, on_meta: bool = False) -> Prepared:
     """Build the adapters of ``m`` for exactly these target and ``train`` paths (from a file's
-    per-target ``specs`` when loading), fresh output layers and multi-task heads."""
+    per-target ``specs`` when loading), fresh output layers and multi-task heads.
+
+    With ``on_meta``, everything is built from meta-device twins of the modules (no memory): a dry
+    run giving the shapes and dtypes a file must hold, checked before the real build, so that sizes a
+    file declares never allocate anything they do not pay for in the file itself.
+    """
     fresh = fresh or {}
     for p in paths:
         if is_under(p, train_paths) or any(is_under(t, [p]) for t in train_paths) or (heads and is_under(p, [heads[0]])):
             raise TargetError(f"module {p!r} is both a target and (inside) a trained or replaced module; "
                               "a trained module is saved whole, so drop it from one of the lists")
-    adapters: list[Adapter] = []
-    for p in paths:
-        module = model.get_submodule(p)
-        adapter = m.build(p, module) if specs is None else m.rebuild(p, module, specs.get(p, {}))
-        if not isinstance(adapter, Adapter):
-            raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
-        host, prefix = host_of(model, p)
-        if prefix and not adapter.has_delta:
-            parent = model.get_submodule(p.rsplit(".", 1)[0]) if "." in p else model
-            if not calls_forward(parent, p.rsplit(".", 1)[-1]):
-                raise TargetError(
-                    f"{p!r} never runs its own forward: {type(model.get_submodule(host)).__name__} at {host!r} "
-                    f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
-                    f"would be dead. Target {host!r} instead."
-                )
-        adapters.append(adapter)
-    copies = []
-    for p in train_paths:
-        c = fresh_layer(model.get_submodule(p), fresh[p]) if p in fresh else copy.deepcopy(model.get_submodule(p))
-        for prm in c.parameters():
-            prm.requires_grad_(True)
-        copies.append(c)
-    multi = (heads[0], MultiHead(model.get_submodule(heads[0]), heads[1])) if heads else None
+
+    def module_at(path: str) -> nn.Module:
+        return meta_twin(model.get_submodule(path)) if on_meta else model.get_submodule(path)
+
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        adapters: list[Adapter] = []
+        for p in paths:
+            module = module_at(p)
+            adapter = m.build(p, module) if specs is None else m.rebuild(p, module, specs.get(p, {}))
+            if not isinstance(adapter, Adapter):
+                raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
+            host, prefix = host_of(model, p)
+            if prefix and not adapter.has_delta:
+                parent = model.get_submodule(p.rsplit(".", 1)[0]) if "." in p else model
+                if not calls_forward(parent, p.rsplit(".", 1)[-1]):
+                    raise TargetError(
+                        f"{p!r} never runs its own forward: {type(model.get_submodule(host)).__name__} at {host!r} "
+                        f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
+                        f"would be dead. Target {host!r} instead."
+                    )
+            adapters.append(adapter)
+        copies = []
+        for p in train_paths:
+            c = fresh_layer(module_at(p), fresh[p]) if p in fresh else copy.deepcopy(module_at(p))
+            for prm in c.parameters():
+                prm.requires_grad_(True)
+            copies.append(c)
+        multi = (heads[0], MultiHead(module_at(heads[0]), heads[1])) if heads else None
     return Prepared(m, info, AdapterSet(paths, adapters, train_paths, copies, fresh, multi))
+
+
+def meta_twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose tensors, and its children's, are on the meta device: an
+    adapter built for it allocates nothing (see :func:`build`)."""
+    twin = copy.copy(module)
+    twin.__dict__["_parameters"] = {
+        k: None if t is None else nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                               requires_grad=t.requires_grad)
+        for k, t in module._parameters.items()}
+    twin.__dict__["_buffers"] = {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                 for k, t in module._buffers.items()}
+    twin.__dict__["_modules"] = {k: None if c is None else meta_twin(c) for k, c in module._modules.items()}
+    return twin
 
 
 class AdaptedModel(nn.Module):
@@ -348,8 +372,7 @@ class AdaptedModel(nn.Module):
                                    head=head, heads=heads, example_input=example_input, **options))
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ConfigError(f"adapter name {name!r} is not valid; use letters, digits, '_' and '-'")
+        check_name(name)
         if name in self._records:
             raise UnknownAdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
 
@@ -359,13 +382,14 @@ class AdaptedModel(nn.Module):
         Returns:
             The adapter's name: ``name``, or the name stored in the file.
         """
-        from .io import read_adapter, read_header
+        from .io import read_adapter
 
         self._check_attached()
         self._check_unsharded("load an adapter")
-        name = name or read_header(path).adapter
-        self._check_new_name(name)
-        _, prepared = read_adapter(self.base_model, path)
+        if name is not None:
+            self._check_new_name(name)
+        header, prepared = read_adapter(self.base_model, path)  # the name and the tensors from one snapshot
+        name = name or check_name(header.adapter, header.path)
         self.install(name, prepared)
         return name
 
@@ -705,6 +729,36 @@ class AdaptedModel(nn.Module):
         return f"active={self._state.active}, merged={sorted(self._state.merged)}"
 
 
+def check_name(name: Any, source: Any = None) -> str:
+    """``name`` if it is a valid adapter name (letters, digits, ``_`` and ``-``, at most 100).
+
+    Raises:
+        ConfigError: an invalid name given by the caller.
+        AdapterFileError: an invalid name stored in the file ``source`` (pass ``name=`` to choose one).
+    """
+    if isinstance(name, str) and len(name) <= 100 and _NAME.fullmatch(name):
+        return name
+    if source is not None:
+        raise AdapterFileError(f"{str(source)!r} names its adapter {str(name)[:60]!r}, which is not a valid adapter "
+                               "name; pass name=... to load it under another")
+    raise ConfigError(f"adapter name {name!r} is not valid; use letters, digits, '_' and '-'")
+
+
+def attach(model: nn.Module, name: str, prepared: Prepared) -> AdaptedModel:
+    """Wrap ``model`` with a prepared adapter, active: all or nothing (a failure, or an interrupt,
+    leaves ``model`` exactly as it was: no hooks, its flags restored)."""
+    check_name(name)
+    adapted = AdaptedModel(model)
+    try:
+        adapted.install(name, prepared)
+        adapted.set_adapter(name)
+    except BaseException:
+        adapted._finalizer.detach()
+        _release_backbone(adapted._slots, adapted._guards, model, adapted._orig_grad, adapted._orig_training)
+        raise
+    return adapted
+
+
 def ensure_unwrapped(model: nn.Module) -> None:
     """Refuse a backbone that an AdaptedModel is attached to: two sets of hooks on one backbone would
     each put back what the other substituted, leaving adapted values in the backbone's weights.
@@ -828,9 +882,7 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
         m.summary()
     """
     ensure_unwrapped(model)  # before any work (FISH's Fisher estimate, say)
+    check_name(name)
     prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, head=head, heads=heads,
                        example_input=example_input, **options)
-    adapted = AdaptedModel(model)
-    adapted.install(name, prepared)
-    adapted.set_adapter(name)
-    return adapted
+    return attach(model, name, prepared)

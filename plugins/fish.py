@@ -112,6 +112,17 @@ class FishDelta(peftkit.Adapter):
         return {"counts": {n: getattr(self, f"{n}_delta").numel() for n in self.names},
                 "lengths": {n: getattr(self, f"{n}_index").numel() for n in self.names}}
 
+    def validate(self, module: nn.Module) -> None:
+        for n in self.names:
+            codes = getattr(self, f"{n}_index")
+            positions = decode_gaps(codes)  # strictly increasing by construction (every gap is >= 1)
+            size = module.get_parameter(n).numel()
+            count = getattr(self, f"{n}_delta").numel()
+            if positions.numel() != count:
+                raise ValueError(f"{n}: its position codes select {positions.numel()} entries and it holds {count} values")
+            if count and int(positions[-1]) >= size:
+                raise ValueError(f"{n}: a position ({int(positions[-1])}) lies past the end of the {size}-entry tensor")
+
     def delta(self, module: nn.Module) -> dict[str, SparseDelta]:
         return {n: SparseDelta(self.positions(n), getattr(self, f"{n}_delta")) for n in self.names}
 

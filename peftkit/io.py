@@ -8,6 +8,7 @@ adapter's name), ``peftkit.version``. Tensors: ``<backbone path>.<adapter tensor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from .method import Method
 from .model import AdaptedModel, AdapterSet, Prepared, attach, build, check_name, ensure_unwrapped
 from .plugins import MethodInfo, get_method
 from .targets import nearest_names
+from .transaction import deferred_interrupts, finish
 
 __all__ = ["FORMAT_VERSION", "AdapterHeader", "hotswap", "load", "read_header", "save"]
 
@@ -405,6 +407,11 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
     """
     model = distributed.unwrap_parallel(model)
     name = _pick_adapter(model, adapter)
+    with model._lock:  # a forward running meanwhile sees the old adapter or the new one, never a mix
+        return _hotswap(model, name, path)
+
+
+def _hotswap(model: AdaptedModel, name: str, path: str | os.PathLike[str]) -> str:
     rec = model._record(name)
     if name in model._state.merged:
         raise ConfigError(f"adapter {name!r} is merged; unmerge() before hot swapping its weights")
@@ -415,17 +422,17 @@ def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | No
         _check_tensors(header, expected)
         values = snap.read(list(expected))
     _check_finite(header, values)
-    with torch.no_grad():
+    with torch.no_grad(), deferred_interrupts():
         before = {k: distributed.full_tensor(t.detach()).clone() for k, t in expected.items()}
         try:
             for k, dst in expected.items():
                 distributed.assign(dst, values[k])
             _validate(header, model.base_model, rec.modules)
         except BaseException:  # refused, or interrupted: the adapter keeps its values, all of them
-            for k, dst in expected.items():
-                distributed.assign(dst, before[k])
+            finish([functools.partial(distributed.assign, dst, before[k]) for k, dst in expected.items()])
             raise
-    model._drop_folded()
+        finally:
+            model._drop_folded()
     return name
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import os
 import re
+import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ from .heads import MultiHead, fresh_layer
 from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
 from .plugins import MethodInfo, get_method
 from .targets import Selection, calls_forward, host_of, is_under, output_layers, select_modules, tied_aliases
+from .transaction import deferred_interrupts, finish
 
 __all__ = ["AdaptedModel", "wrap"]
 
@@ -79,6 +82,7 @@ class Prepared:
 
 @dataclass
 class _Record:
+    name: str
     method: Method
     info: MethodInfo
     modules: AdapterSet
@@ -228,6 +232,8 @@ class AdaptedModel(nn.Module):
         self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
         self._frozen_norms: list[nn.Module] = []
         self._guards = [(path, NestedEncoderGuard(enc, self._trains_inside_of(path))) for path, enc in packing_encoders(model)]
+        # one forward at a time, and no adapter change during one (see "Thread safety" in the README)
+        self.__dict__["_lock"] = threading.RLock()
         for p in model.parameters():
             p.requires_grad_(False)
         self._watch()
@@ -242,10 +248,12 @@ class AdaptedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_finalizer", None)
+        state.pop("_lock", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__["_lock"] = threading.RLock()
         if not self.__dict__.get("_detached"):
             self._watch()
 
@@ -264,7 +272,15 @@ class AdaptedModel(nn.Module):
 
     # -- calling -------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the backbone with the active adapters applied; same signature and outputs."""
+        """Run the backbone with the active adapters applied; same signature and outputs.
+
+        Safe to call from several threads: calls run one at a time, and an adapter change made
+        meanwhile (``hotswap``, ``set_adapter``, ``merge``, ...) waits for the running call, so a call
+        sees one adapter state from start to end, never a mix."""
+        with self._lock:
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_attached()
         self._hold_frozen_norms()
         check = bool(self._unchecked) and self.training and torch.is_grad_enabled()
@@ -436,10 +452,10 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"adapter {name!r} cannot be initialised again ({exc}); if it came from a file, "
                               "load the file again (hotswap or load_adapter)") from exc
         new = built.modules.file_tensors()
-        with torch.no_grad():
-            for k, dst in mods.file_tensors().items():
-                distributed.assign(dst, distributed.full_tensor(new[k]))
-        self._drop_folded()
+        with self._lock, torch.no_grad(), deferred_interrupts():
+            finish([functools.partial(distributed.assign, dst, distributed.full_tensor(new[k]))
+                    for k, dst in mods.file_tensors().items()])
+            self._drop_folded()
         return name
 
     def _drop_folded(self) -> None:
@@ -448,9 +464,17 @@ class AdaptedModel(nn.Module):
             slot.clear_cache()
 
     def install(self, name: str, prepared: Prepared) -> None:
-        """Attach a prepared adapter under ``name`` (used by add_adapter and by loading)."""
-        self._check_unsharded("add an adapter")
-        self._check_new_name(name)
+        """Attach a prepared adapter under ``name`` (used by add_adapter and by loading): all or nothing."""
+        with self._lock, deferred_interrupts():
+            self._check_unsharded("add an adapter")
+            self._check_new_name(name)
+            try:
+                self._install(name, prepared)
+            except BaseException:
+                self._detach_adapter(name)
+                raise
+
+    def _install(self, name: str, prepared: Prepared) -> None:
         base = self.base_model
         mods = prepared.modules
         entries: list[tuple[str, str, Entry]] = []  # (host, what it adapts, entry)
@@ -477,7 +501,7 @@ class AdaptedModel(nn.Module):
             self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
         self.peft_adapters[name] = mods
-        self._records[name] = _Record(prepared.method, prepared.info, mods, cache=dict(prepared.cache))
+        self._records[name] = _Record(name, prepared.method, prepared.info, mods, cache=dict(prepared.cache))
         for p in mods.parameters():
             p.requires_grad_(False)
         self._refresh()
@@ -485,49 +509,61 @@ class AdaptedModel(nn.Module):
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters (applied in that order); they become trainable and the
         others frozen."""
-        self._check_attached()
-        wanted = [names] if isinstance(names, str) else list(names)
-        for n in wanted:
-            self._record(n)
-        if self._state.merged - set(wanted):
-            raise MergeError(f"adapters {sorted(self._state.merged)} are merged; unmerge() before changing the active set")
-        self._state.active = wanted
-        for n, rec in self._records.items():
-            for p in rec.modules.parameters():
-                p.requires_grad_(n in wanted)
-        self._refresh()
-        self._hold_frozen_norms()
+        with self._lock, deferred_interrupts():
+            self._check_attached()
+            wanted = [names] if isinstance(names, str) else list(names)
+            for n in wanted:
+                self._record(n)
+            if self._state.merged - set(wanted):
+                raise MergeError(f"adapters {sorted(self._state.merged)} are merged; unmerge() before changing the active set")
+            self._state.active = wanted
+            finish([functools.partial(p.requires_grad_, n in wanted)
+                    for n, rec in self._records.items() for p in rec.modules.parameters()])
+            self._refresh()
+            self._hold_frozen_norms()
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (unmerging it first if merged) and its hooks."""
-        self._check_attached()
-        self._check_unsharded("delete an adapter")
-        self._record(name)
-        if name in self._state.merged:
-            self._unmerge([name])
-        for host in list(self._slots):
+        with self._lock, deferred_interrupts():
+            self._check_attached()
+            self._check_unsharded("delete an adapter")
+            self._record(name)
+            if name in self._state.merged:
+                self._unmerge([name])
+            self._detach_adapter(name)
+
+    def _detach_adapter(self, name: str) -> None:
+        """Take adapter ``name``'s entries off every host, and forget it (to the end, whatever is raised:
+        also the undo of a half-done install)."""
+        def entries_off(host: str) -> None:
             slot = self._slots[host]
             slot.entries = [e for e in slot.entries if e.adapter_name != name]
             if not slot.entries:
                 slot.remove()
                 del self._slots[host]
-        self._unchecked = {k: v for k, v in self._unchecked.items() if not k.startswith(f"{name}/")}
-        del self._records[name]
-        del self.peft_adapters[name]
-        self._state.active = [n for n in self._state.active if n != name]
-        self._refresh()
+
+        def forget() -> None:
+            self._unchecked = {k: v for k, v in self._unchecked.items() if not k.startswith(f"{name}/")}
+            self._records.pop(name, None)
+            if name in self.peft_adapters:
+                del self.peft_adapters[name]
+            self._state.active = [n for n in self._state.active if n != name]
+
+        finish([*(functools.partial(entries_off, h) for h in list(self._slots)), forget, self._refresh])
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Context in which the model gives exactly the backbone's outputs."""
-        if self._state.merged:
-            raise MergeError("adapters are merged into the weights; unmerge() before disable_adapters()")
-        before = self._state.disabled
-        self._state.disabled = True
-        try:
-            yield
-        finally:
-            self._state.disabled = before
+        """Context in which the model gives exactly the backbone's outputs (other threads' calls wait
+        until it ends: the switch is the model's, not the thread's)."""
+        with self._lock:
+            if self._state.merged:
+                raise MergeError("adapters are merged into the weights; unmerge() before disable_adapters()")
+            before = self._state.disabled
+            self._state.disabled = True
+            try:
+                yield
+            finally:
+                self._state.disabled = before
 
     def _record(self, name: str) -> _Record:
         if name not in self._records:
@@ -566,16 +602,18 @@ class AdaptedModel(nn.Module):
     def merge(self) -> None:
         """Fold the active adapters into the backbone's weights (idempotent).
 
-        Nothing changes unless every active adapter can merge and the merged weights are finite.
-        The original values of the changed tensors are kept so that :meth:`unmerge` restores them
-        bit for bit (``unwrap(merge=True)`` keeps no such copy).
+        All or nothing: nothing changes unless every active adapter can merge and the merged weights
+        are finite, and an exception or a Ctrl-C while merging undoes what was done. The original
+        values of the changed tensors are kept so that :meth:`unmerge` restores them bit for bit.
 
         Raises:
-            MergeError: an adapter that has no weight-space form, or a merge giving NaN/inf.
+            MergeError: an adapter that has no weight-space form, a delta on a tensor other modules
+                share (tied weights), or a merge giving NaN/inf.
         """
-        self._merge(keep_originals=True)
+        with self._lock:
+            self._merge()
 
-    def _merge(self, keep_originals: bool) -> None:
+    def _merge(self) -> None:
         self._check_attached()
         self._check_unsharded("merge")
         names = [n for n in self._state.active if n not in self._state.merged]
@@ -600,67 +638,82 @@ class AdaptedModel(nn.Module):
                     for tn, t in replacement_tensors(c):
                         if t.is_floating_point() and not torch.isfinite(t).all():
                             raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
-            for n in names:
-                rec = self._records[n]
-                # compute every delta before changing any tensor: a delta may read base weights
-                for _, base, d in list(self._deltas(n)):
-                    if isinstance(d, SparseDelta):  # back up (and change) only the touched entries
-                        flat = base.view(-1)
-                        if keep_originals:
-                            rec.backups.append((base, SparseDelta(d.index, flat[d.index].clone())))
-                        flat.index_add_(0, d.index, d.values.detach().to(base.dtype))
-                        continue
-                    if keep_originals:
-                        rec.backups.append((base, base.detach().clone()))
-                    if isinstance(d, LowRankDelta):
-                        base.copy_(add_delta(base, d))
-                    else:
-                        base.add_(d.detach().to(base.dtype))
-                for path, c in rec.modules.train_items():
-                    module = self.base_model.get_submodule(path)
-                    aliases = [] if path in rec.modules.fresh else tied_aliases(self.base_model, path)
-                    new_tensors = {}
-                    for tn, t in replacement_tensors(c):
-                        store, key = tensor_slot(module, tn)
-                        rec.merged_originals.append((store, key, store[key]))
-                        new = t.detach().clone()
-                        new_tensors[tn] = store[key] = (nn.Parameter(new, requires_grad=False)
-                                                        if isinstance(store[key], nn.Parameter) else new)
-                    if path in rec.modules.fresh:  # a new output layer: keep the module's own sizes right
-                        for attr in ("out_features", "out_channels"):
-                            if hasattr(module, attr):
-                                rec.merged_attrs.append((module, attr, getattr(module, attr)))
-                                setattr(module, attr, rec.modules.fresh[path])
-                    for other, tname, cname in aliases:  # tied tensors get the same merged tensor
-                        store, key = tensor_slot(self.base_model.get_submodule(other), tname)
-                        rec.merged_originals.append((store, key, store[key]))
-                        store[key] = new_tensors[cname]
-                self._state.merged.add(n)
+            started: list[str] = []
+            with deferred_interrupts():
+                try:
+                    for n in names:
+                        started.append(n)
+                        self._merge_one(self._records[n])
+                        self._state.merged.add(n)
+                except BaseException:  # all or nothing: undo what was done
+                    self._restore(started)
+                    raise
         self._refresh()
+
+    def _merge_one(self, rec: _Record) -> None:
+        """Fold one adapter in, recording how to undo each change before making it."""
+        # compute every delta before changing any tensor: a delta may read base weights
+        for _, base, d in list(self._deltas(rec.name)):
+            if isinstance(d, SparseDelta):  # back up (and change) only the touched entries
+                flat = base.view(-1)
+                rec.backups.append((base, SparseDelta(d.index, flat[d.index].clone())))
+                flat.index_add_(0, d.index, d.values.detach().to(base.dtype))
+                continue
+            rec.backups.append((base, base.detach().clone()))
+            if isinstance(d, LowRankDelta):
+                base.copy_(add_delta(base, d))
+            else:
+                base.add_(d.detach().to(base.dtype))
+        for path, c in rec.modules.train_items():
+            module = self.base_model.get_submodule(path)
+            aliases = [] if path in rec.modules.fresh else tied_aliases(self.base_model, path)
+            new_tensors = {}
+            for tn, t in replacement_tensors(c):
+                store, key = tensor_slot(module, tn)
+                rec.merged_originals.append((store, key, store[key]))
+                new = t.detach().clone()
+                new_tensors[tn] = store[key] = (nn.Parameter(new, requires_grad=False)
+                                                if isinstance(store[key], nn.Parameter) else new)
+            if path in rec.modules.fresh:  # a new output layer: keep the module's own sizes right
+                for attr in ("out_features", "out_channels"):
+                    if hasattr(module, attr):
+                        rec.merged_attrs.append((module, attr, getattr(module, attr)))
+                        setattr(module, attr, rec.modules.fresh[path])
+            for other, tname, cname in aliases:  # tied tensors get the same merged tensor
+                store, key = tensor_slot(self.base_model.get_submodule(other), tname)
+                rec.merged_originals.append((store, key, store[key]))
+                store[key] = new_tensors[cname]
 
     def unmerge(self) -> None:
-        """Restore the backbone's tensors as they were before :meth:`merge` (idempotent, exact)."""
-        self._check_attached()
-        self._unmerge(sorted(self._state.merged))
+        """Restore the backbone's tensors as they were before :meth:`merge` (idempotent, exact; an
+        interrupt cannot stop it half-way)."""
+        with self._lock:
+            self._check_attached()
+            self._unmerge(sorted(self._state.merged))
 
     def _unmerge(self, names: list[str]) -> None:
-        with torch.no_grad():
-            for n in reversed(names):
-                rec = self._records[n]
-                for base, original in reversed(rec.backups):
-                    if isinstance(original, SparseDelta):
-                        base.view(-1).index_copy_(0, original.index, original.values)
-                    else:
-                        base.copy_(original)
-                rec.backups.clear()
-                for store, key, original in reversed(rec.merged_originals):
-                    store[key] = original
-                rec.merged_originals.clear()
-                for module, attr, value in reversed(rec.merged_attrs):
-                    setattr(module, attr, value)
-                rec.merged_attrs.clear()
-                self._state.merged.discard(n)
+        with torch.no_grad(), deferred_interrupts():
+            self._restore(names)
         self._refresh()
+
+    def _restore(self, names: list[str]) -> None:
+        """Put back every tensor and attribute the merge of ``names`` changed, to the end whatever is
+        raised meanwhile, and mark them unmerged."""
+        steps: list[Callable[[], object]] = []
+        for n in reversed(names):
+            rec = self._records[n]
+            for base, original in reversed(rec.backups):
+                if isinstance(original, SparseDelta):
+                    steps.append(functools.partial(_put_entries, base, original))
+                else:
+                    steps.append(functools.partial(_put_all, base, original))
+            for store, key, original in reversed(rec.merged_originals):
+                steps.append(functools.partial(store.__setitem__, key, original))
+            for module, attr, value in reversed(rec.merged_attrs):
+                steps.append(functools.partial(setattr, module, attr, value))
+            steps.append(functools.partial(_forget_merge, rec, self._state.merged, n))
+        with torch.no_grad():
+            finish(steps)
 
     @property
     def merged(self) -> bool:
@@ -677,14 +730,18 @@ class AdaptedModel(nn.Module):
         Raises:
             MergeError: ``merge=True`` and an active adapter cannot be merged (nothing changes).
         """
+        with self._lock, deferred_interrupts():
+            return self._unwrap(merge)
+
+    def _unwrap(self, merge: bool) -> nn.Module:
         self._check_attached()
         if merge:
             multi = [n for n in self._state.active if self._records[n].modules.heads is not None]
             if multi:
                 raise MergeError(f"adapter {multi[0]!r} has multi-task heads, which return a dict and cannot be folded "
                                  "into the backbone; keep the AdaptedModel, or use unwrap(merge=False)")
-            self._merge(keep_originals=False)
-            for rec in self._records.values():
+            self._merge()
+            for rec in self._records.values():  # nothing to unmerge once unwrapped: free the copies
                 rec.backups.clear()
         else:
             self.unmerge()
@@ -807,6 +864,21 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
         p.requires_grad_(grads.get(n, merged))
     for n, m in base.named_modules(remove_duplicate=False):
         m.training = training.get(n, m.training)
+
+
+def _put_all(base: torch.Tensor, original: torch.Tensor) -> None:
+    base.copy_(original)
+
+
+def _put_entries(base: torch.Tensor, original: SparseDelta) -> None:
+    base.view(-1).index_copy_(0, original.index, original.values)
+
+
+def _forget_merge(rec: _Record, merged: set[str], name: str) -> None:
+    rec.backups.clear()
+    rec.merged_originals.clear()
+    rec.merged_attrs.clear()
+    merged.discard(name)
 
 
 def _join(path: str, name: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import TargetError
 from .method import Adapter, add_delta, detach_delta
 
 
@@ -113,7 +114,8 @@ def tensor_slot(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
         return owner._parameters, leaf
     if leaf in owner._buffers:
         return owner._buffers, leaf
-    raise KeyError(f"{type(module).__name__} has no tensor {name!r}")
+    raise TargetError(f"{type(module).__name__} holds no tensor {name!r} of its own (a parametrization or a hook may "
+                      "compute it on each call), so an adapter cannot put a delta there; leave this module out of targets")
 
 
 def replacement_tensors(copy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -140,10 +140,26 @@ def _pick_faster(part: Any, vmap_part: Callable[[Any], None], loop_part: Callabl
     return how, (_map(part, lambda t: t[rest:]) if n > rest else None)
 
 
+def _computed_weights(model: nn.Module) -> set[str]:
+    """Parameters a layer's weight is computed from on each call (a parametrization's originals, the
+    old weight_norm's ``weight_g``/``weight_v``): the layers that read them are never called as modules,
+    or read them before any adapter could, so a delta on them would never apply."""
+    out = set()
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if type(m).__name__ == "ParametrizationList":
+            out |= {prefix + n for n, _ in m.named_parameters()}
+        for hook in m._forward_pre_hooks.values():
+            if type(hook).__name__ == "WeightNorm":
+                out |= {prefix + hook.name + "_g", prefix + hook.name + "_v"}
+    return out
+
+
 def candidate_names(model: nn.Module, candidates: Sequence[str] | Callable[[str, torch.Tensor], bool] | None) -> list[str]:
     """Floating-point parameter names selected by ``candidates`` (names, suffixes, full-match regexes,
     or a callable ``(name, tensor) -> bool``); all of them when ``candidates`` is None."""
-    names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+    computed = _computed_weights(model)
+    names = [n for n, p in model.named_parameters() if p.is_floating_point() and n not in computed]
     if candidates is None:
         return names
     if callable(candidates):
@@ -242,6 +258,11 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     if how not in ("vmap", "loop", "auto"):
         raise ConfigError(f"vectorize={vectorize!r} is invalid; expected 'auto', True (torch.func.vmap) or False "
                           "(a per-sample loop)")
+    if how != "loop" and len(list(model.named_modules(remove_duplicate=False))) != len(list(model.named_modules())):
+        # a module reachable under two names: torch.func.functional_call leaves a wrapper in its place
+        # (torch 2.14), so the loop does it
+        how = "loop"
+    held = [(m, store, k, t) for m in model.modules() for store in (m._parameters, m._buffers) for k, t in store.items()]
     model.eval()
     try:
         for batch in data:
@@ -256,6 +277,9 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
             if seen >= samples:
                 break
     finally:
+        for _, store, k, t in held:  # the model's own tensors, whatever torch.func did
+            if store.get(k) is not t:
+                store[k] = t
         model.train(was_training)
         for n, flag in flags.items():
             all_params[n].requires_grad_(flag)

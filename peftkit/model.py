@@ -458,6 +458,12 @@ class AdaptedModel(nn.Module):
             self._drop_folded()
         return name
 
+    def clear_cache(self) -> None:
+        """Forget the folded weights (``W + delta``) inference reuses. They follow every change PyTorch
+        tracks (in-place edits, ``param.data = ...``, casts, moves, ``load_state_dict``); writes through
+        ``param.data`` (``w.data.copy_(...)``) bypass PyTorch's version counter, so call this after them."""
+        self._drop_folded()
+
     def _drop_folded(self) -> None:
         """Forget the cached folded weights (``W + delta``), e.g. after adapter values were overwritten."""
         for slot in self._slots.values():
@@ -587,16 +593,19 @@ class AdaptedModel(nn.Module):
                 store, key = tensor_slot(target, tname)
                 yield _join(path, tname), store[key], d
 
-    def _applied_at(self, name: str) -> dict[str, set[str]]:
-        """For an adapter whose deltas follow tied weights: the tensor's name -> every name under which
-        the delta is applied unmerged (the target's, and its tied aliases')."""
-        rec = self._records[name]
-        if not rec.method.follows_ties:
-            return {}
-        applied: dict[str, set[str]] = {}
+    def _applied_at(self, name: str) -> dict[str, set[tuple[int, str]]]:
+        """The tensor's name -> every (module, tensor name) slot in which adapter ``name`` applies its
+        delta unmerged: the target's, and for deltas that follow tied weights, their aliases'."""
+        rec, base = self._records[name], self.base_model
+        applied: dict[str, set[tuple[int, str]]] = {}
         for path in rec.modules.paths:
-            for other, tname, cname in tied_aliases(self.base_model, path):
-                applied.setdefault(_join(path, cname), {_join(path, cname)}).add(_join(other, tname))
+            target = base.get_submodule(path)
+            for tname, _ in [*target.named_parameters(), *target.named_buffers()]:
+                owner, _, leaf = tname.rpartition(".")
+                applied[_join(path, tname)] = {(id(target.get_submodule(owner)), leaf)}
+            if rec.method.follows_ties:
+                for other, tname, cname in tied_aliases(base, path):
+                    applied.setdefault(_join(path, cname), set()).add((id(base.get_submodule(other)), tname))
         return applied
 
     def merge(self) -> None:
@@ -624,7 +633,7 @@ class AdaptedModel(nn.Module):
             for n in names:  # check everything before changing anything
                 applied = self._applied_at(n)
                 for what, base, d in self._deltas(n):
-                    others = [r for r in readers.get(id(base), []) if r not in applied.get(what, {what})]
+                    others = [r for slot, r in readers.get(id(base), {}).items() if slot not in applied.get(what, set())]
                     if others:
                         raise MergeError(
                             f"adapter {n!r} cannot be merged: its delta on {what} would also change "
@@ -835,7 +844,9 @@ def ensure_unwrapped(model: nn.Module) -> None:
         raise ConfigError(
             f"this {type(model).__name__} is already wrapped: an AdaptedModel's adapters are attached to it{where}. "
             "Wrapping or loading onto it again would stack two sets of hooks on one backbone. Add adapters to that "
-            "AdaptedModel instead (m.add_adapter(...), m.load_adapter(file)), or call its unwrap() first.")
+            "AdaptedModel instead (m.add_adapter(...), m.load_adapter(file)), or call its unwrap() first. (A "
+            "copy.deepcopy of a wrapped backbone carries the hooks too: copy the backbone before wrapping it, or "
+            "copy the AdaptedModel.)")
 
 
 class _TrainsInside:
@@ -886,25 +897,25 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _readers(model: nn.Module) -> dict[int, list[str]]:
-    """id(tensor) -> every name under which the model reads it: the same tensor registered in two
-    modules (tied weights), or tensors sharing one storage, all change when it is changed in place."""
-    by_tensor: dict[int, dict[tuple[int, str], str]] = {}
+def _readers(model: nn.Module) -> dict[int, dict[tuple[Any, str], str]]:
+    """id(tensor) -> {(module, tensor name) slot: a name for messages}, for every slot that reads it:
+    the same tensor registered in two modules (tied weights), or another tensor sharing its storage,
+    changes when it is changed in place. A module reachable under two names is one slot."""
+    by_tensor: dict[int, dict[tuple[Any, str], str]] = {}
     by_storage: dict[tuple[str, int], set[int]] = {}
     for path, m in model.named_modules(remove_duplicate=False):
         for n, t in [*m._parameters.items(), *m._buffers.items()]:
             if t is None:
                 continue
-            by_tensor.setdefault(id(t), {})[(id(m), n)] = _join(path, n)
+            by_tensor.setdefault(id(t), {}).setdefault((id(m), n), _join(path, n))
             if t.device.type != "meta" and t.numel():
                 by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), set()).add(id(t))
-    names = {i: list(found.values()) for i, found in by_tensor.items()}
     for ids in by_storage.values():
-        if len(ids) > 1:
-            together = [name for i in sorted(ids) for name in names[i]]
+        if len(ids) > 1:  # distinct tensors on one storage: each one's readers read the others' too
+            together = {slot: name for i in sorted(ids) for slot, name in by_tensor[i].items()}
             for i in ids:
-                names[i] = [*names[i], *(x for x in together if x not in names[i])]
-    return names
+                by_tensor[i] = {**together, **by_tensor[i]}
+    return by_tensor
 
 
 def _finite_after(base: torch.Tensor, d: Delta) -> bool:

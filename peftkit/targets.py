@@ -28,8 +28,9 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "find_blocks", "find_output_layer", "host_of",
-           "is_projection", "is_under", "matches", "output_layers", "select_modules", "tied_aliases"]
+__all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "find_blocks", "find_output_layer",
+           "forward_source", "host_of", "is_projection", "is_under", "matches", "output_layers", "select_modules",
+           "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -145,9 +146,16 @@ def select_modules(
     if not chosen:
         if unfit:
             kinds = ", ".join(f"{p} ({type(model.get_submodule(p)).__name__})" for p in unfit[:5])
+            inner = [p for p, m in modules if any(is_under(p, [u]) and p != u for u in unfit) and can_adapt(m)]
+            hint = (f"select the layers inside them, e.g. {', '.join(inner[:3])}" if inner else
+                    f"in {type(model).__name__} it can adapt: {_adaptable(model, can_adapt)}")
             raise TargetError(f"{what} {selectors!r} match {len(unfit)} module(s), {kinds}, none of which {method} can "
-                              f"adapt; in {type(model).__name__} it can adapt: {_adaptable(model, can_adapt)}.")
+                              f"adapt; {hint}.")
         wanted = next((s for s in selectors if isinstance(s, str)), "")
+        owner, _, leaf = wanted.rpartition(".")
+        if owner and leaf in dict(modules).get(owner, nn.Module())._parameters:
+            raise TargetError(f"{what} {selectors!r}: {wanted!r} is a parameter, and {what} name modules; select "
+                              f"{owner!r} instead.")
         near = nearest_names(model, wanted) if wanted else []
         hint = (f" Nearest module names: {', '.join(near)}." if near else
                 f" No module name is close to {wanted!r}; the most common names in it are: "
@@ -263,6 +271,9 @@ def _ordered_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> O
 def _declared_outputs(model: nn.Module) -> OutputLayers | None:
     """The output layer a Hugging Face or timm model declares (None: the model declares nothing)."""
     paths = {id(m): p for p, m in model.named_modules()}
+    if type(model).__module__.startswith("torchvision.models.detection"):
+        return OutputLayers(None, tuple(_detection_outputs(model)), "a detection model predicts classes and boxes "
+                                                                    "(and keypoints or masks) with separate layers")
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("classifier") and callable(getattr(model, "get_classifier", None)):  # timm
         names = [cfg["classifier"]] if isinstance(cfg["classifier"], str) else list(cfg["classifier"])
@@ -292,6 +303,20 @@ def _declared_outputs(model: nn.Module) -> OutputLayers | None:
     found = _ordered_outputs(model, head)
     if lm_head and found.path and found.path != lm_head:
         return OutputLayers(None, (lm_head, found.path), "it has several task heads")
+    return found
+
+
+_DETECTION_PREDICTORS = {"cls_score", "bbox_pred", "cls_logits", "bbox_reg", "bbox_ctrness", "kps_score_lowres",
+                         "mask_fcn_logits"}
+
+
+def _detection_outputs(model: nn.Module) -> list[str]:
+    """The predictors of a torchvision detection model (SSD's: the last layer of each head's items)."""
+    found = [p for p, m in model.named_modules() if is_projection(m) and p.rpartition(".")[2] in _DETECTION_PREDICTORS]
+    for p, m in model.named_modules():
+        if re.search(r"(classification|regression)_head\.module_list\.\d+$", p):
+            last = [q for q, c in m.named_modules() if is_projection(c)][-1:]
+            found += [f"{p}.{q}" if q else p for q in last]
     return found
 
 
@@ -393,6 +418,12 @@ def _method(cls: type, name: str) -> Any:
             found = getattr(found, "fget", None) or getattr(found, "__func__", found)
             return found if inspect.isfunction(found) else None
     return None
+
+
+def forward_source(cls: type) -> str:
+    """The source of a module class's ``forward`` and of the methods it calls on ``self`` (see
+    :func:`host_of`); empty where the source is not available."""
+    return _forward_source(cls)
 
 
 @functools.cache

@@ -21,7 +21,9 @@ hidden Linear.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.targets import is_projection, output_layers
+from peftkit.targets import forward_source, is_projection, output_layers
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -141,8 +143,7 @@ class BottleneckAdapter(peftkit.Adapter):
         conv_layer = isinstance(module, tuple(_CONVS.values()))
         bias = not conv_layer or module.bias is not None  # conv adapters follow the conv (BN follows it)
         if self.spatial:
-            if parallel and conv_layer and any(p != d * (k - 1) // 2 or k % 2 == 0 for p, d, k in
-                                               zip(_padding(module), module.dilation, module.kernel_size, strict=True)):
+            if parallel and conv_layer and not _same_padded(module):
                 raise TargetError(f"parallel_adapter needs a 'same'-padded conv (odd kernel, padding = dilation*(k-1)/2) "
                                   f"so a 1x1 conv beside it gives the same output size; got {module}")
             conv = _CONVS[self.dims]
@@ -235,10 +236,12 @@ class BottleneckAdapter(peftkit.Adapter):
         return deltas
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module.padding, str):
-        return (-1,) * len(module.kernel_size)  # "same"/"valid" strings: let the check refuse
-    return tuple(module.padding)
+def _same_padded(conv: nn.Module) -> bool:
+    """Odd kernels with padding = dilation * (k - 1) / 2: a 1x1 conv beside it gives the same size."""
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and all(k % 2 == 1 for k in conv.kernel_size)
+    return all(p == d * (k - 1) // 2 and k % 2 == 1
+               for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
 
 
 # Names of the parts of a transformer layer (the last component of a module's path).
@@ -287,7 +290,9 @@ def _residual_blocks(modules: dict[str, nn.Module], skip: list[str]) -> list[str
 
     def qualifies(path: str) -> bool:
         m = modules[path]
-        return path in items and not isinstance(m, _CONTAINERS) and len(_projections(m)) >= 2 and not _branches(m)
+        layers = _projections(m)
+        return (path in items and not isinstance(m, _CONTAINERS) and len(layers) >= 2 and spatial_dims(m) > 0
+                and not _branches(m) and not _concatenates(type(m)))
 
     blocks: list[str] = []
     for path in modules:
@@ -299,6 +304,13 @@ def _residual_blocks(modules: dict[str, nn.Module], skip: list[str]) -> list[str
             continue
         blocks.append(path)
     return blocks
+
+
+@functools.cache
+def _concatenates(cls: type) -> bool:
+    """Whether a block's forward joins or splits channels (``torch.cat``, ``chunk``, ``split``, a
+    channel shuffle): its output size is then not its last projection's (ShuffleNet, DenseNet)."""
+    return re.search(r"\b(cat|concat|concatenate|chunk|split|channel_shuffle)\s*\(", forward_source(cls)) is not None
 
 
 def _branches(module: nn.Module) -> bool:
@@ -313,7 +325,7 @@ def _branches(module: nn.Module) -> bool:
     return any(p.rpartition(".")[0] == parent and _sizes(m)[0] == size and _sizes(m)[1] != size for p, m in layers[:-1])
 
 
-def default_targets(model: nn.Module, placement: str) -> list[str]:
+def default_targets(model: nn.Module, placement: str, parallel: bool = False) -> list[str]:
     """After the attention and the feed-forward block of each transformer layer (Houlsby), only the
     feed-forward one (Pfeiffer); one per residual block of a CNN; after each recurrent layer; else
     every k x k convolution (not depthwise); else every hidden Linear."""
@@ -341,7 +353,8 @@ def default_targets(model: nn.Module, placement: str) -> list[str]:
     if keep:
         return [p for p in modules if p in keep]
     convs = [p for p, m in modules.items() if isinstance(m, tuple(_CONVS.values()))
-             and math.prod(m.kernel_size) > 1 and not (m.groups > 1 and m.groups == m.in_channels)]
+             and math.prod(m.kernel_size) > 1 and not (m.groups > 1 and m.groups == m.in_channels)
+             and (not parallel or _same_padded(m))]
     if convs:
         return convs
     heads = output_layers(model).all
@@ -353,7 +366,7 @@ class _Bottleneck(peftkit.Method):
     parallel = False
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        return default_targets(model, self.config.placement)
+        return default_targets(model, self.config.placement, self.parallel)
 
     def can_adapt(self, module: nn.Module) -> bool:
         try:

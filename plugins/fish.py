@@ -102,6 +102,8 @@ class FishDelta(peftkit.Adapter):
         """Flat positions of the selected entries of parameter ``name`` (decoded again whenever the
         codes change: edited in place, moved to another device, or replaced)."""
         codes = getattr(self, f"{name}_index")
+        if codes.is_meta:  # no values to decode: positions of the right count (shape inference on meta)
+            return torch.empty(getattr(self, f"{name}_delta").shape, dtype=torch.int64, device="meta")
         cached = self._decoded.get(name)
         if cached is None or not cached[0].matches(codes):
             cached = (TensorStamp(codes), decode_gaps(codes).to(codes.device))

@@ -61,6 +61,13 @@ class LoraConfig:
                 raise bad(f"alpha_pattern[{k!r}]", v, "a positive number")
 
 
+def _own_weight(module: nn.Module) -> bool:
+    """Whether the layer holds its weight as a tensor of its own (not one that a parametrization or
+    a weight_norm hook computes on each call, which LoRA's delta cannot be added to)."""
+    names = ("in_proj_weight", "q_proj_weight") if isinstance(module, nn.MultiheadAttention) else ("weight",)
+    return any(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
@@ -487,7 +494,7 @@ class LoRA(peftkit.Method):
                 continue
             if isinstance(m, _CONVS) and m.groups > 1 and m.in_channels == m.groups:
                 continue
-            if isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention)) or _is_hf_conv1d(m):
+            if (isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention)) or _is_hf_conv1d(m)) and _own_weight(m):
                 paths.append(path)
         return paths
 
@@ -515,6 +522,11 @@ class LoRA(peftkit.Method):
         c = self.config
         if path in getattr(self, "_bias_only", ()):
             return BiasDelta(module)
+        if not _own_weight(module):
+            raise TargetError(
+                f"lora cannot adapt {path!r}: its weight is computed from other tensors on every call (a "
+                "parametrization such as weight_norm), so there is no weight tensor to add the delta to. Leave it "
+                "out of targets (exclude=[...]), or remove the parametrization first.")
         r = self._pick(c.rank_pattern, path, c.r)
         alpha = self._pick(c.alpha_pattern, path, c.alpha)
         scale = alpha / math.sqrt(r) if c.rslora else alpha / r

@@ -272,9 +272,16 @@ def _check_peft_applies(base: nn.Module, mods: Any) -> None:
             f"replace it before PeftModel.from_pretrained (model.{path} = {_describe(layer, outputs)}).",
             UserWarning, stacklevel=4)
     unreachable, missing = [], []
+    names: dict[int, list[str]] = {}
+    for p, m in base.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(p)
     for path, a in mods.items():
         host, prefix = host_of(base, path)
         if isinstance(a, BiasDelta):  # a bias is written as its full value, read wherever it is
+            continue
+        others = [p for p in names.get(id(base.get_submodule(path)), []) if p != path]
+        if others:  # PEFT swaps the module in at one attribute: calls through the others stay un-adapted
+            unreachable.append(f"{path} (also called as {others[0]!r}, which PEFT would leave as it is)")
             continue
         if prefix:
             unreachable.append(f"{path} (read by {type(base.get_submodule(host)).__name__} {host!r})")
@@ -302,10 +309,11 @@ def _check_peft_applies(base: nn.Module, mods: Any) -> None:
             "keep peftkit's own file (peftkit.save).")
     if unreachable:
         raise ConfigError(
-            f"PEFT cannot apply LoRA to {', '.join(unreachable[:4])}{' …' if len(unreachable) > 4 else ''}: the parent "
-            "reads these weights directly (a fused inference path, or a function given the weight), so PEFT's LoRA "
-            "layer would be skipped there and its model would silently compute something else. Export is refused; "
-            "peftkit's own file (peftkit.save) applies these adapters where the weights are read.")
+            f"PEFT cannot apply LoRA to {', '.join(unreachable[:4])}{' …' if len(unreachable) > 4 else ''}: PEFT's "
+            "LoRA layer takes the module's place at one attribute and acts in its forward, and these weights are also "
+            "read another way (directly by a parent, in a fused inference path or a function given the weight, or "
+            "through another attribute), so PEFT's model would silently compute something else. Export is refused; "
+            "peftkit's own file (peftkit.save) applies these adapters wherever the weights are read.")
 
 
 _PEFT_LAYER_SURFACE = {"weight", "bias", "in_features", "out_features"}  # what PEFT's LoRA layers expose

@@ -232,3 +232,119 @@ def test_messages_that_used_to_mislead() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # `shared` is never called, but lm_head's aliases are
         call(m, t5.input()).logits.sum().backward()
+
+
+# -- found by a fresh-eyes review on architectures the tests above did not cover --------------------
+
+def test_weight_normalised_layers_are_left_out_or_refused_clearly() -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm_param = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.norm_hook = nn.utils.weight_norm(nn.Linear(8, 8))
+            self.plain = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.plain(torch.relu(self.norm_hook(torch.relu(self.norm_param(x))))))
+
+    net, x = Net(), torch.randn(2, 8)
+    plain = _out(net, x)
+    m = peftkit.wrap(net, "lora", r=2)
+    assert m.peft_adapters["default"].paths == ["plain"]
+    torch.testing.assert_close(_out(m, x), plain)
+    m.unwrap()
+    for target in ("norm_param", "norm_hook"):
+        with pytest.raises(TargetError, match="computed from other tensors on every call"):
+            peftkit.wrap(net, "lora", targets=[target])
+    assert not any(n.endswith(("original0", "original1", "weight_g", "weight_v"))
+                   for n in peftkit.fisher.candidate_names(net, None))
+
+
+def test_a_module_called_under_two_names() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    net, x = Twice(), torch.randn(4, 8)
+    weight = net.a.weight
+    peftkit.fisher_information(net, [x], lambda mod, b: mod(b).pow(2).mean(), samples=4, vectorize=True)
+    assert net.a.weight is weight and type(net.a.weight) is nn.Parameter  # torch.func left a wrapper here once
+    m = peftkit.wrap(net, "fish", keep=0.1, samples=4, data=[x], loss_fn=lambda mod, b: mod(b).pow(2).mean())
+    assert net.a.weight is weight
+    m.unwrap()
+    m = peftkit.wrap(net, "lora", r=2, init=False).eval()
+    unmerged = _out(m, x)
+    m.merge()  # one module, two names: one reader of its weight, so merging is exact
+    torch.testing.assert_close(_out(m, x), unmerged, rtol=1e-5, atol=1e-6)
+    m.unmerge()
+    with pytest.raises(ConfigError, match="also called as 'b'"):
+        peftkit.export_peft(m, "/nonexistent/never-written")
+
+
+def test_fish_runs_on_the_meta_device() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    m = peftkit.wrap(net, "fish", mask={"0.weight": torch.tensor([1, 5, 9])}).to("meta")
+    assert m(torch.randn(2, 8, device="meta")).shape == (2, 3)
+
+
+@pytest.mark.parametrize("builder", ["retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large", "keypointrcnn_resnet50_fpn",
+                                     "fcos_resnet50_fpn"])
+def test_detection_models_have_no_single_output_layer(builder: str) -> None:
+    import torchvision
+
+    model = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=3)
+    layers = peftkit.targets.output_layers(model)
+    assert layers.path is None and len(layers.candidates) >= 2
+    with pytest.raises(TargetError, match="detection model"):
+        peftkit.wrap(model, "last_layer")
+
+
+@pytest.mark.parametrize(("name", "size"), [("shufflenet_v2_x0_5", 64), ("densenet121", 64), ("squeezenet1_1", 64),
+                                             ("maxvit_t", 224), ("regnet_x_400mf", 64), ("googlenet", 64)])
+@pytest.mark.parametrize("method", ["serial_adapter", "parallel_adapter"])
+def test_bottleneck_defaults_run_on_concatenating_and_mixed_blocks(name: str, size: int, method: str) -> None:
+    import torchvision
+
+    kw = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(name, weights=None, num_classes=5, **kw).eval()
+    x = torch.randn(1, 3, size, size)
+    plain = _out(net, x)
+    m = peftkit.wrap(net, method, init="houlsby").eval()  # a visible adapter: its shapes must fit
+    assert _out(m, x).shape == plain.shape
+    m.train()
+    m(x).sum().backward()
+
+
+def test_target_messages_for_parameters_and_containers() -> None:
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    with pytest.raises(TargetError, match="'fc.weight' is a parameter.*select 'fc' instead"):
+        peftkit.wrap(net, "lora", targets=["fc.weight"])
+    with pytest.raises(TargetError, match=r"downsample \(Sequential\), none of which 'lora' can adapt; select the layers "
+                                          r"inside them, e.g. layer2.0.downsample.0"):
+        peftkit.wrap(net, "lora", targets=r"layer2\.0\.downsample")
+
+
+def test_writes_through_data_need_clear_cache() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    m = peftkit.wrap(net, "lora", r=2, init=False).eval()
+    x = torch.randn(2, 8)
+    _out(m, x)  # fills the inference cache
+    net[0].weight.data.copy_(net[0].weight.data * 1.5)  # bypasses PyTorch's version counter
+    m.clear_cache()
+    torch.testing.assert_close(_out(m, x), m(x).detach())  # cached form == the form computed from live weights

@@ -79,23 +79,26 @@ def load_plugins() -> None:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
-        except Exception as exc:  # a broken plugin must not break the others
-            _failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"peftkit plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
-                f"{_failed[ep.name]}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        except (Exception, SystemExit) as exc:  # a broken plugin must not break the others (nor exit)
+            _fail(ep.name, f"failed to load ({ep.value}): {type(exc).__name__}: {exc}")
             continue
         _origin[ep.name] = (dist.name, dist.version) if dist is not None else (ep.name, "unknown")
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(
-            f"a peftkit plugin implements a hook that does not exist: {exc}. "
-            "Check the hook's name against peftkit.hookspecs (e.g. register_methods)."
-        ) from exc
+        unknown = [impl.function.__name__ for name, caller in pm.hook.__dict__.items()
+                   if not name.startswith("_") and not caller.has_spec()
+                   for impl in caller.get_hookimpls() if impl.plugin_name == ep.name and not impl.optionalhook]
+        if unknown:  # a typo in a hook's name: the plugin could never work; say so, every time it would load
+            pm.unregister(name=ep.name)
+            _fail(ep.name, f"implements {', '.join(unknown)}, which is not a peftkit hook (peftkit.hookspecs has "
+                           f"{', '.join(_HOOKS)}); check the function's name")
+
+
+_HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "peftkit_spec"))
+
+
+def _fail(plugin: str, why: str) -> None:
+    """Record a broken plugin (reported once, with its name; the others go on working)."""
+    _failed[plugin] = why
+    warnings.warn(f"peftkit plugin {plugin!r} was skipped: {why}", RuntimeWarning, stacklevel=3)
 
 
 def failed_plugins() -> dict[str, str]:
@@ -110,6 +113,8 @@ def _collect(hook: str, base: type, kind: str) -> dict[str, tuple[type, str, str
     found: dict[str, tuple[type, str, str, str]] = {}
     for impl in getattr(pm.hook, hook).get_hookimpls():
         plugin = impl.plugin_name
+        if plugin in _failed:
+            continue
         dist, version = _origin.get(plugin, (plugin, getattr(impl.plugin, "__version__", "unknown")))
 
         def register(cls: type, _plugin: str = plugin, _dist: str = dist, _ver: str = version) -> None:
@@ -126,7 +131,15 @@ def _collect(hook: str, base: type, kind: str) -> dict[str, tuple[type, str, str
                     f"({_dist}). Uninstall one, or restrict plugins with PEFTKIT_LOAD_PLUGINS.")
             found[name] = (cls, _plugin, _dist, _ver)
 
-        impl.function(**{arg: register for arg in impl.argnames})
+        before = dict(found)
+        try:
+            impl.function(**{arg: register for arg in impl.argnames})
+        except PluginError:
+            raise  # a clash or an invalid registration: the plugins' configuration is wrong
+        except (Exception, SystemExit) as exc:  # the plugin's own bug: drop what it registered, keep the rest
+            found.clear()
+            found.update(before)
+            _fail(plugin, f"its {hook} hook raised {type(exc).__name__}: {exc}")
     return dict(sorted(found.items()))
 
 

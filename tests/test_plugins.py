@@ -90,10 +90,41 @@ def test_name_clash_names_both_plugins(tmp_path: Path) -> None:
     assert "two plugins register the method 'lora'" in out.stderr and "'fake'" in out.stderr and "(peftkit)" in out.stderr
 
 
-def test_misspelled_hook_fails_loudly(tmp_path: Path) -> None:
+def test_misspelled_hook_is_reported_every_time_and_breaks_nothing_else(tmp_path: Path) -> None:
     _dist(tmp_path, "peftkit-typo", "typo", "peftkit_typo", METHOD_SRC.format(name="typo", doc="Typo.", hook="register_method"))
-    out = _run(tmp_path, LIST)
-    assert out.returncode != 0 and "hook that does not exist" in out.stderr
+    code = """
+    import json, peftkit, torch
+    from peftkit.plugins import failed_plugins
+    for _ in range(2):  # the same answer on every call, not only the first
+        names = list(peftkit.methods())
+        assert "typo" not in names and "lora" in names
+    peftkit.wrap(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), "lora")
+    print(json.dumps(failed_plugins()))
+    """
+    out = _run(tmp_path, code)
+    assert out.returncode == 0, out.stderr
+    assert "register_method, which is not a peftkit hook" in json.loads(out.stdout)["typo"]
+    assert "plugin 'typo' was skipped" in out.stderr
+
+
+@pytest.mark.parametrize(("case", "source"), [
+    ("raises", METHOD_SRC.format(name="boom", doc="Boom.", hook="register_methods").replace(
+        "    register(M)", "    raise RuntimeError('plugin bug')")),
+    ("exits", "raise SystemExit(3)\n"),
+    ("interrupts_import", "import sys\nsys.exit('bye')\n"),
+])
+def test_a_plugin_that_raises_breaks_nothing_else(tmp_path: Path, case: str, source: str) -> None:
+    _dist(tmp_path, "peftkit-bad", "bad", "peftkit_bad", source)
+    code = """
+    import json, peftkit, torch
+    from peftkit.plugins import failed_plugins
+    m = peftkit.wrap(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), "lora")
+    print(json.dumps({"methods": list(peftkit.methods()), "failed": failed_plugins()}))
+    """
+    out = _run(tmp_path, code)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert "lora" in report["methods"] and "boom" not in report["methods"] and "bad" in report["failed"]
 
 
 def test_hook_register_methods(register_plugin: Any) -> None:

@@ -46,7 +46,7 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
 # every dtype the safetensors format names that this torch has
 DTYPES: dict[str, torch.dtype] = {n: getattr(torch, _TORCH[n]) for n in _NAMES if hasattr(torch, _TORCH[n])}
 _BY_DTYPE = {d: n for n, d in DTYPES.items()}
-_TEMP = re.compile(r"\.(?P<name>.+)\.peftkit-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+_TEMP = re.compile(r"\.(?P<name>.+)\.peftkit-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.old)?\.tmp$")
 
 
 def dtype_name(dtype: torch.dtype, what: str = "a tensor") -> str:
@@ -78,15 +78,17 @@ class TensorInfo:
         return DTYPES[self.dtype]
 
 
-def open_regular(path: str | os.PathLike[str], what: str = "adapter file") -> tuple[int, os.stat_result]:
-    """Open a regular file for reading without blocking on a FIFO or a device: ``(fd, stat)``.
+def open_regular(path: str | os.PathLike[str], what: str = "adapter file",
+                 dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading without blocking on a FIFO or a device: ``(fd, stat)``
+    (``path`` relative to the open directory ``dir_fd``, when given).
 
     Raises:
         AdapterFileError: missing, unreadable, or not a regular file.
     """
     p = str(path)
     try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
     except FileNotFoundError:
         raise AdapterFileError(f"{what} {p!r} does not exist") from None
     except OSError as exc:
@@ -111,7 +113,8 @@ def _read_exact(fd: int, size: int, offset: int, where: str) -> bytes:
 
 class Snapshot:
     """One open safetensors file: its checked header now, any of its tensors later, all from the same
-    descriptor (one consistent version of the file). Use as a context manager.
+    descriptor (one consistent version of the file). Use as a context manager. ``dir_fd``: ``path``
+    is relative to that open directory; ``shown_as``: the path messages name.
 
     Attributes:
         path: The file.
@@ -120,10 +123,10 @@ class Snapshot:
         tensors: ``{key: TensorInfo}``, in the file's order.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._where = repr(str(path))
-        self._fd, info = open_regular(path)
+    def __init__(self, path: str | os.PathLike[str], dir_fd: int | None = None, shown_as: str | None = None) -> None:
+        self.path = Path(shown_as or path)
+        self._where = repr(str(self.path))
+        self._fd, info = open_regular(path, dir_fd=dir_fd)
         try:
             self.size = info.st_size
             self.metadata, self.tensors, self._data = self._parse()

@@ -29,8 +29,8 @@ Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
 __all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "find_blocks", "find_output_layer",
-           "forward_source", "host_of", "is_projection", "is_under", "matches", "output_layers", "select_modules",
-           "tied_aliases"]
+           "forward_source", "host_of", "is_projection", "is_under", "matches", "output_layers", "pattern_problem",
+           "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -39,6 +39,81 @@ def _as_list(selection: Selection) -> list[Selector]:
     if isinstance(selection, (str, type)) or callable(selection):
         return [selection]  # type: ignore[list-item]
     return list(selection)
+
+
+try:  # the regular-expression parser of the re module (private, stable since Python 3.0)
+    from re import _parser as _sre  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
+
+MAX_PATTERN = 500  # characters
+MAX_OPEN_REPEATS = 4  # unbounded repeats (*, +, {n,}) in one pattern: a polynomial of at most this degree
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why matching ``pattern`` against a module path could take more than bounded time (catastrophic
+    backtracking), or None (also for a string that is no regular expression at all). Refused: nested repeats (``(a+)+``), repeated alternations (``(a|a)*``),
+    back-references, more than :data:`MAX_OPEN_REPEATS` unbounded repeats, over :data:`MAX_PATTERN`
+    characters. Module selectors never need these; a pattern from a file may be hostile."""
+    if not isinstance(pattern, str):
+        return f"it is a {type(pattern).__name__}, not a string"
+    if len(pattern) > MAX_PATTERN:
+        return f"it is {len(pattern)} characters long (at most {MAX_PATTERN})"
+    try:
+        parsed = _sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None  # never runs as a regular expression (a selector is then a name or suffix only)
+    open_repeats = 0
+
+    def walk(items: Any, in_repeat: bool) -> str | None:
+        nonlocal open_repeats
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = arg
+                unbounded = high is _sre.MAXREPEAT or high > 16
+                if in_repeat and unbounded:
+                    return "it repeats a repeated group (nested quantifiers backtrack exponentially)"
+                if unbounded:
+                    open_repeats += 1
+                    if any(str(o) == "BRANCH" for o, _ in _flat(sub)):
+                        return "it repeats an alternation (ambiguous alternatives backtrack exponentially)"
+                why = walk(sub, in_repeat or unbounded)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "it uses a back-reference"
+            elif name == "SUBPATTERN":
+                why = walk(arg[-1], in_repeat)
+            elif name == "BRANCH":
+                why = next((w for branch in arg[1] if (w := walk(branch, in_repeat))), None)
+            elif name in ("ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+                why = walk(arg[-1], in_repeat)
+            else:
+                why = None
+            if why:
+                return why
+        return None
+
+    why = walk(parsed, False)
+    if why is None and open_repeats > MAX_OPEN_REPEATS:
+        why = f"it has {open_repeats} unbounded repeats (at most {MAX_OPEN_REPEATS})"
+    return why
+
+
+def _flat(items: Any) -> list[tuple[Any, Any]]:
+    """Every (op, arg) of a parsed pattern, nested ones included."""
+    out = []
+    for op, arg in items:
+        out.append((op, arg))
+        subs = []
+        if str(op) in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            subs = [arg[2]]
+        elif str(op) in ("SUBPATTERN", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+            subs = [arg[-1]]
+        elif str(op) == "BRANCH":
+            subs = list(arg[1])
+        for sub in subs:
+            out += _flat(sub)
+    return out
 
 
 def matches(selector: Selector, path: str, module: nn.Module | None = None) -> bool:

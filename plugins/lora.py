@@ -19,7 +19,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta, LowRankDelta, add_delta
-from peftkit.targets import matches, output_layers
+from peftkit.targets import matches, output_layers, pattern_problem
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -45,20 +45,27 @@ class LoraConfig:
 
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise bad("r", self.r, "a positive integer rank such as 8")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise bad("alpha", self.alpha, "a positive number such as 16")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < math.inf:
+            raise bad("alpha", self.alpha, "a positive finite number such as 16")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", self.dropout, "a probability in [0, 1)")
         if self.init not in ("kaiming", "gaussian", True, False):
             raise bad("init", self.init, "'kaiming', 'gaussian', True or False")
         if self.bias not in ("none", "lora_only", "all"):
             raise bad("bias", self.bias, "'none', 'lora_only' or 'all'")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise bad(name, pattern, "a dict of module name/suffix/regex -> value")
+            for k in pattern:
+                why = pattern_problem(k) if isinstance(k, str) else "it is not a string"
+                if why:
+                    raise bad(f"{name} key", k, f"a module name, suffix or simple regex: {why}")
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(f"rank_pattern[{k!r}]", v, "a positive integer rank")
         for k, v in self.alpha_pattern.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise bad(f"alpha_pattern[{k!r}]", v, "a positive number")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise bad(f"alpha_pattern[{k!r}]", v, "a positive finite number")
 
 
 def _own_weight(module: nn.Module) -> bool:

@@ -18,23 +18,24 @@ import json
 import math
 import os
 import re
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from peftkit_plugins.lora import BiasDelta, ConvLoRA, EmbeddingLoRA, LinearLoRA, MultiheadAttentionLoRA
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import peftkit
+from peftkit import container
 from peftkit.errors import AdapterFileError, BackboneMismatchError, ConfigError
 from peftkit.formats import Format
+from peftkit.io import shown
 from peftkit.model import AdaptedModel, Prepared, build
 from peftkit.plugins import get_method
-from peftkit.targets import attributes_read, host_of
+from peftkit.targets import attributes_read, host_of, pattern_problem
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -145,117 +146,234 @@ class PeftFormat(Format):
             "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None,
         }
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, writer in ((WEIGHTS, lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-                             (CONFIG, lambda f: Path(f).write_text(json.dumps(config, indent=2)))):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-            os.close(fd)
-            writer(tmp)
-            os.replace(tmp, directory / name)
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was written")
+        _write_directory(directory, {WEIGHTS: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+                                     CONFIG: lambda f: Path(f).write_text(json.dumps(config, indent=2))})
         return directory
 
     # -- import --------------------------------------------------------------------------------
     def read(self, model: nn.Module, path: Path) -> Prepared:
-        try:
-            config = json.loads((path / CONFIG).read_text())
-            with safe_open(str(path / WEIGHTS), "pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        except (OSError, json.JSONDecodeError, Exception) as exc:
-            raise AdapterFileError(f"{str(path)!r} is not a readable PEFT adapter directory: {exc}") from exc
-        if config.get("peft_type") != "LORA":
-            raise ConfigError(f"{str(path)!r} is a PEFT {config.get('peft_type')!r} adapter; peftkit imports LoRA only")
-        used = [k for k, off in UNSUPPORTED.items() if config.get(k) not in (off, None, {}, [], False)]
-        if used:
-            raise ConfigError(f"{str(path)!r} uses PEFT features peftkit's LoRA does not have: {', '.join(used)}")
-        modules = dict(model.named_modules())
-        keys = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
-        fix = _prefix_fixer(modules, keys)
-        keys = {fix(k): v for k, v in keys.items()}
-        rslora, r0, alpha0 = bool(config.get("use_rslora")), int(config["r"]), float(config["lora_alpha"])
-
-        def pick(pattern: dict[str, Any], where: str, default: Any) -> Any:
-            for key, value in (pattern or {}).items():
-                if re.match(rf"(.*\.)?({key})$", where):
-                    return value
-            return default
-
-        lora_paths: dict[str, str] = {}  # module path -> kind
-        for k in keys:
-            for suffix, kind in ((".lora_A.weight", "pair"), (".lora_embedding_A", "embedding")):
-                if k.endswith(suffix):
-                    where = k[: -len(suffix)]
-                    if ".base_layer.out_proj" in where:
-                        continue  # part of its attention module's adapter
-                    lora_paths[where] = kind
-        missing = [p for p in lora_paths if p not in modules]
-        if missing:
-            raise BackboneMismatchError(f"{str(path)!r} adapts modules this model does not have: {missing[:3]}")
-        bias = config.get("bias", "none")
-        train = list(config.get("modules_to_save") or [])
-        train_paths = [p for p in modules if p and any(p == t or p.endswith("." + t) for t in train)]
-        ranks = {p: int(keys[f"{p}.lora_A.weight" if kind == "pair" else f"{p}.lora_embedding_A"].shape[0])
-                 for p, kind in lora_paths.items()}
-        alphas = {p: float(pick(config.get("alpha_pattern"), p, alpha0)) for p in lora_paths}
-        method = get_method("lora").cls.configure(
-            r=r0, alpha=alpha0, rslora=rslora, dropout=float(config.get("lora_dropout") or 0.0), bias=bias,
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-            rank_pattern={"^" + re.escape(p) + "$": r for p, r in ranks.items() if r != r0},
-            alpha_pattern={"^" + re.escape(p) + "$": a for p, a in alphas.items() if a != alpha0})
-        paths = sorted(lora_paths, key=list(modules).index)
-        paths = method.expand_targets(model, paths)
-        paths = [p for p in paths if not any(p == t or p.startswith(t + ".") for t in train_paths)]
+        where = repr(str(path))
+        config, snap = _open_directory(path)
+        with snap:
+            cfg = _lora_config(config, where)
+            modules = dict(model.named_modules())
+            fix = _prefix_fixer(modules, {_strip(k): None for k in snap.tensors})
+            shapes = {fix(_strip(k)): info.shape for k, info in snap.tensors.items()}
+            names = {fix(_strip(k)): k for k in snap.tensors}  # our key -> the file's
+            if len(names) != len(snap.tensors):
+                raise AdapterFileError(f"{where} holds two tensors for one place")
+            lora_paths: dict[str, str] = {}  # module path -> kind
+            for k, shape in shapes.items():
+                for suffix, kind in ((".lora_A.weight", "pair"), (".lora_embedding_A", "embedding")):
+                    if k.endswith(suffix) and ".base_layer.out_proj" not in k:  # out_proj: part of its attention's
+                        if len(shape) < 2 or shape[0] < 1:
+                            raise AdapterFileError(f"{where}: {shown(names[k])} has shape {list(shape)}; a LoRA factor "
+                                                   "has a rank of at least 1 and a second dimension")
+                        lora_paths[k[: -len(suffix)]] = kind
+            missing = [p for p in lora_paths if p not in modules]
+            if missing:
+                raise BackboneMismatchError(f"{where} adapts modules this model does not have: "
+                                            f"{[shown(p) for p in missing[:3]]}")
+            train_paths = [p for p in modules if p and any(p == t or p.endswith("." + t) for t in cfg["modules_to_save"])]
+            ranks = {p: shapes[f"{p}.lora_A.weight" if kind == "pair" else f"{p}.lora_embedding_A"][0]
+                     for p, kind in lora_paths.items()}
+            alphas = {p: _pick(cfg["alpha_pattern"], p, cfg["lora_alpha"]) for p in lora_paths}
+            try:
+                method = get_method("lora").cls.configure(
+                    r=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"], dropout=cfg["lora_dropout"],
+                    bias=cfg["bias"], fan_in_fan_out=cfg["fan_in_fan_out"],
+                    rank_pattern={"^" + re.escape(p) + "$": r for p, r in ranks.items() if r != cfg["r"]},
+                    alpha_pattern={"^" + re.escape(p) + "$": a for p, a in alphas.items() if a != cfg["lora_alpha"]})
+            except ConfigError as exc:
+                raise AdapterFileError(f"{where} has a LoRA config peftkit cannot take: {exc}") from None
+            paths = sorted(lora_paths, key=list(modules).index)
+            paths = method.expand_targets(model, paths)
+            paths = [p for p in paths if not any(p == t or p.startswith(t + ".") for t in train_paths)]
+            # the shapes every tensor must have, from a build on the meta device (nothing allocated yet)
+            plan = build(model, method, get_method("lora"), paths, train_paths, on_meta=True)
+            wanted = _places(plan, modules, shapes.keys())
+            unknown = sorted(set(shapes) - set(wanted))
+            if unknown:
+                raise AdapterFileError(f"{where} holds tensors peftkit does not know where to put: "
+                                       f"{[shown(names[k]) for k in unknown[:5]]}")
+            for k, (shape, _) in wanted.items():
+                if k in shapes and tuple(shapes[k]) != tuple(shape):
+                    msg = f"{where}: {shown(names[k])} has shape {list(shapes[k])}, this model needs {list(shape)}"
+                    owner = next((t for t in train_paths if k.startswith(t + ".")), None)
+                    if owner is not None:
+                        msg += (f". modules_to_save {owner!r} does not fit this model's layer: a layer trained with a new "
+                                f"size (a new head) is loaded onto a model whose layer already has that size; replace "
+                                f"model.{owner} first, as when the adapter was trained")
+                    raise BackboneMismatchError(msg)
+            lacking = sorted(k for k in wanted if k not in shapes)
+            if lacking:
+                raise AdapterFileError(f"{where} lacks tensors {[shown(PREFIX + k) for k in lacking[:5]]}")
+            values = snap.read([names[k] for k in wanted])
+        values = {k: values[names[k]] for k in wanted}
+        bad = [names[k] for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise AdapterFileError(f"{where} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; refused")
         prepared = build(model, method, get_method("lora"), paths, train_paths)
-        consumed: set[str] = set()
-
-        def take(key: str) -> torch.Tensor:
-            if key not in keys:
-                raise AdapterFileError(f"{str(path)!r} lacks tensor {PREFIX + key}")
-            consumed.add(key)
-            return keys[key]
-
+        places = _places(prepared, modules, shapes.keys())
         with torch.no_grad():
-            for p, a in prepared.modules.items():
-                module = modules[p]
-                if isinstance(a, BiasDelta):
-                    k = f"{p}.bias"
-                    if k in keys:
-                        a.lora_bias.copy_(take(k) - module.bias)
-                elif isinstance(a, MultiheadAttentionLoRA):
-                    a.in_proj.lora_A.copy_(take(f"{p}.lora_A.weight"))
-                    a.in_proj.lora_B.copy_(take(f"{p}.lora_B.weight"))
-                    a.out_proj.lora_A.copy_(take(f"{p}.base_layer.out_proj.lora_A.weight"))
-                    a.out_proj.lora_B.copy_(take(f"{p}.base_layer.out_proj.lora_B.weight"))
-                    a.out_proj.scale = _scale(pick(config.get("alpha_pattern"), p, alpha0), a.out_proj.lora_A.shape[0], rslora)
-                    if a.out_proj.lora_bias is not None and f"{p}.base_layer.out_proj.base_layer.bias" in keys:
-                        a.out_proj.lora_bias.copy_(take(f"{p}.base_layer.out_proj.base_layer.bias") - module.out_proj.bias)
-                elif isinstance(a, EmbeddingLoRA):
-                    a.lora_A.copy_(take(f"{p}.lora_embedding_A"))
-                    a.lora_B.copy_(take(f"{p}.lora_embedding_B"))
-                else:
-                    A = take(f"{p}.lora_A.weight")
-                    if isinstance(a, ConvLoRA) and module.groups > 1:
-                        A = _grouped(A, module.groups, p)
-                    if A.shape != a.lora_A.shape:
-                        raise BackboneMismatchError(f"{p!r}: lora_A has shape {tuple(A.shape)}, the model needs "
-                                                    f"{tuple(a.lora_A.shape)}")
-                    a.lora_A.copy_(A)
-                    a.lora_B.copy_(take(f"{p}.lora_B.weight"))
-                    if a.lora_bias is not None and f"{p}.base_layer.bias" in keys:
-                        a.lora_bias.copy_(take(f"{p}.base_layer.bias") - module.bias)
-            for p, trained in prepared.modules.train_items():
-                state = {k: take(f"{p}.{k}") for k in trained.state_dict()}
-                wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(trained.state_dict()[k].shape)}"
-                         for k, v in state.items() if v.shape != trained.state_dict()[k].shape]
-                if wrong:
-                    raise BackboneMismatchError(
-                        f"{str(path)!r}: modules_to_save {p!r} does not fit this model's layer ({'; '.join(wrong[:3])}). "
-                        "A layer trained with a new size (a new head) is loaded onto a model whose layer already has "
-                        f"that size: replace model.{p} first, as when the adapter was trained.")
-                trained.load_state_dict(state)
-        left = sorted(set(keys) - consumed)
-        if left:
-            raise AdapterFileError(f"{str(path)!r} holds tensors peftkit does not know where to put: {left[:5]}")
+            for k, (_, put) in places.items():
+                put(values[k])
+        for p, a in prepared.modules.items():  # PEFT scales out_proj by the attention module's alpha
+            if isinstance(a, MultiheadAttentionLoRA):
+                a.out_proj.scale = _scale(alphas[p], a.out_proj.lora_A.shape[0], cfg["use_rslora"])
         return prepared
+
+
+def _strip(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def _pick(pattern: dict[str, Any], where: str, default: Any) -> Any:
+    """PEFT's rule for rank/alpha patterns: the first key matching the end of the module's path."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", where):
+            return value
+    return default
+
+
+_CONFIG_BYTES = 1024 * 1024
+
+
+def _open_directory(path: Path) -> tuple[dict[str, Any], container.Snapshot]:
+    """The config and an open snapshot of the weights, both from one directory: it is opened once and
+    both files are read relative to it, so an export renamed into place meanwhile is not mixed in."""
+    where = repr(str(path))
+    try:
+        dir_fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise AdapterFileError(f"{where} is not a readable PEFT adapter directory: {exc.strerror or exc}") from None
+    try:
+        fd, info = container.open_regular(CONFIG, "PEFT adapter config", dir_fd=dir_fd)
+        try:
+            if info.st_size > _CONFIG_BYTES:
+                raise AdapterFileError(f"{where}: {CONFIG} is {info.st_size} bytes; a LoRA config is a few hundred")
+            raw = os.pread(fd, info.st_size, 0)
+        finally:
+            os.close(fd)
+        snap = container.Snapshot(WEIGHTS, dir_fd=dir_fd, shown_as=str(path / WEIGHTS))
+    finally:
+        os.close(dir_fd)
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        snap.close()
+        raise AdapterFileError(f"{where}: {CONFIG} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        snap.close()
+        raise AdapterFileError(f"{where}: {CONFIG} is not a JSON object")
+    return config, snap
+
+
+def _lora_config(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields of a PEFT LoRA config that peftkit reads, checked (type, range, safe patterns)."""
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"{where} is a PEFT {shown(config.get('peft_type'))} adapter; peftkit imports LoRA only")
+    used = [k for k, off in UNSUPPORTED.items() if k in config and not _off(config[k], off)]
+    if used:
+        raise ConfigError(f"{where} uses PEFT features peftkit's LoRA does not have: {', '.join(used)}")
+
+    def number(key: str, default: Any, low: float, high: float, integer: bool = False) -> Any:
+        value = config.get(key, default)
+        if value is None and default is not None:
+            value = default
+        kind = int if integer else (int, float)
+        if not isinstance(value, kind) or isinstance(value, bool) or not low <= value < high:
+            raise AdapterFileError(f"{where}: {CONFIG} field {key!r} is {shown(value)}; expected "
+                                   f"{'an integer' if integer else 'a number'} in [{low}, {high})")
+        return value
+
+    if "r" not in config:
+        raise AdapterFileError(f"{where}: {CONFIG} has no 'r' (the LoRA rank); not a LoRA adapter config")
+    out: dict[str, Any] = {
+        "r": number("r", None, 1, 2**31, integer=True),
+        "lora_alpha": float(number("lora_alpha", 8, 1e-12, math.inf)),
+        "lora_dropout": float(number("lora_dropout", 0.0, 0.0, 1.0)),
+        "use_rslora": config.get("use_rslora") or False,
+        "fan_in_fan_out": config.get("fan_in_fan_out") or False,
+        "bias": config.get("bias") or "none",
+        "modules_to_save": config.get("modules_to_save") or [],
+    }
+    if not isinstance(out["use_rslora"], bool) or not isinstance(out["fan_in_fan_out"], bool):
+        raise AdapterFileError(f"{where}: {CONFIG} fields use_rslora and fan_in_fan_out must be true or false")
+    if out["bias"] not in ("none", "lora_only", "all"):
+        raise AdapterFileError(f"{where}: {CONFIG} field 'bias' is {shown(out['bias'])}; expected none, lora_only or all")
+    if not isinstance(out["modules_to_save"], list) or not all(isinstance(m, str) for m in out["modules_to_save"]):
+        raise AdapterFileError(f"{where}: {CONFIG} field 'modules_to_save' must be a list of module names")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterFileError(f"{where}: {CONFIG} field {key!r} must be a map of patterns to numbers")
+        for k, v in pattern.items():
+            why = pattern_problem(k) or (None if _compiles(rf"(.*\.)?({k})$") else "it is not a valid regular expression")
+            if why:
+                raise AdapterFileError(f"{where}: {CONFIG} {key} key {shown(k)} is refused: {why}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise AdapterFileError(f"{where}: {CONFIG} {key}[{shown(k)}] is {shown(v)}; expected a positive number")
+        out[key] = pattern
+    return out
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _off(value: Any, off: Any) -> bool:
+    """Whether a PEFT config field is at its 'feature unused' value (``0`` is a value, not unset)."""
+    if value is None or (isinstance(value, (dict, list)) and not value):
+        return True
+    return value is False and (off is False or off is None)
+
+
+def _places(prepared: Prepared, modules: dict[str, nn.Module], keys: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Where each PEFT tensor goes: our key -> (the shape the file must hold, put(value)) for the built
+    adapter (on the meta device for the checks, for real to fill it)."""
+    keys = set(keys)
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+
+    def to(dst: torch.Tensor, shape: Any = None, convert: Any = None) -> tuple[tuple[int, ...], Any]:
+        return tuple(dst.shape if shape is None else shape), (lambda v: dst.copy_(convert(v) if convert else v))
+
+    for p, a in prepared.modules.items():
+        module = modules[p]
+        if isinstance(a, BiasDelta):
+            if f"{p}.bias" in keys:
+                out[f"{p}.bias"] = to(a.lora_bias, convert=lambda v, m=module: v - m.bias)
+        elif isinstance(a, MultiheadAttentionLoRA):
+            out[f"{p}.lora_A.weight"] = to(a.in_proj.lora_A)
+            out[f"{p}.lora_B.weight"] = to(a.in_proj.lora_B)
+            out[f"{p}.base_layer.out_proj.lora_A.weight"] = to(a.out_proj.lora_A)
+            out[f"{p}.base_layer.out_proj.lora_B.weight"] = to(a.out_proj.lora_B)
+            k = f"{p}.base_layer.out_proj.base_layer.bias"
+            if a.out_proj.lora_bias is not None and k in keys:
+                out[k] = to(a.out_proj.lora_bias, convert=lambda v, m=module: v - m.out_proj.bias)
+        elif isinstance(a, EmbeddingLoRA):
+            out[f"{p}.lora_embedding_A"] = to(a.lora_A)
+            out[f"{p}.lora_embedding_B"] = to(a.lora_B)
+        else:
+            if isinstance(a, ConvLoRA) and module.groups > 1:  # PEFT's A is dense over the input channels
+                dense = (a.lora_A.shape[0], a.lora_A.shape[1] * module.groups, *a.lora_A.shape[2:])
+                out[f"{p}.lora_A.weight"] = to(a.lora_A, dense, lambda v, g=module.groups, q=p: _grouped(v, g, q))
+            else:
+                out[f"{p}.lora_A.weight"] = to(a.lora_A)
+            out[f"{p}.lora_B.weight"] = to(a.lora_B)
+            if a.lora_bias is not None and f"{p}.base_layer.bias" in keys:
+                out[f"{p}.base_layer.bias"] = to(a.lora_bias, convert=lambda v, m=module: v - m.bias)
+    for p, trained in prepared.modules.train_items():
+        for k, t in trained.state_dict(keep_vars=True).items():
+            out[f"{p}.{k}"] = to(t)
+    return out
 
 
 def _check_peft_applies(base: nn.Module, mods: Any) -> None:
@@ -366,6 +484,39 @@ def peft_doubles_mha_out_proj() -> bool:
             ref[0].in_proj_weight += layer.get_delta_weight("default")
             ref[0].out_proj.weight += layer.base_layer.out_proj.get_delta_weight("default")
             return not torch.allclose(layer(h, h, h)[0], ref[0](h, h, h)[0], atol=1e-5)
+
+
+def _write_directory(directory: Path, files: dict[str, Any]) -> None:
+    """Write a whole directory, atomically: into a temporary directory beside it, then renamed into
+    place, so that ``directory`` holds one whole export or none (a writer killed at any moment
+    leaves a temporary that the next export removes). An existing export is replaced; files of its
+    own (a README) are carried over."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{str(directory)!r} exists and is not a directory; choose another path for the export")
+    container.remove_stale_temporaries(directory)
+    tmp = Path(container.temporary_beside(directory, suffix=".tmp", directory=True))
+    old = None
+    try:
+        if directory.is_dir():  # keep what else the user put there
+            for entry in directory.iterdir():
+                if entry.name not in files and entry.is_file():
+                    shutil.copy2(entry, tmp / entry.name)
+        for name, writer in files.items():
+            writer(str(tmp / name))
+        if directory.exists():
+            old = Path(container.temporary_beside(directory, suffix=".old.tmp", directory=True))
+            os.rmdir(old)
+            os.rename(directory, old)  # from here until the next rename, the export is absent, never mixed
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not directory.exists():
+            os.rename(old, directory)  # put the previous export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

@@ -49,11 +49,17 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps({**info, "target_paths": list(h.targets)}, indent=2))
         return 0
     width = max(map(len, info))
-    for k, v in info.items():
-        print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    shown = list(h.targets)[:10]
+    for k, v in info.items():  # JSON escapes control characters; plain strings are escaped here
+        print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, (dict, list)) else _printable(str(v))}")
+    shown = [_printable(p) for p in list(h.targets)[:10]]
     print(f"{'target paths'.ljust(width)}  {', '.join(shown)}{' …' if len(h.targets) > 10 else ''}")
     return 0
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Text from a file, safe for a terminal: control and other non-printable characters escaped."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("…" if len(text) > limit else "")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -89,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PeftkitError as exc:
-        print(f"peftkit: error: {exc}", file=sys.stderr)
+        print(f"peftkit: error: {_printable(str(exc), 4000)}", file=sys.stderr)
         return 2
 
 

@@ -232,9 +232,22 @@ def _header(snap: container.Snapshot) -> AdapterHeader:
     backbone = _metadata_json(meta["peftkit.backbone"], "peftkit.backbone", where, dict)
     if not isinstance(backbone.get("layout"), str) or not isinstance(backbone.get("values"), (str, type(None))):
         raise AdapterFileError(f"{where}: metadata peftkit.backbone needs a 'layout' string and a 'values' string or null")
+    paths = set(targets)
+    strays = [k for k in snap.tensors if not _under_some(k, paths)]
+    if strays:  # cheap, before any per-target work: every tensor belongs to a module of the table
+        raise AdapterFileError(f"{where} holds tensors of no module in its targets table: "
+                               f"{', '.join(shown(k) for k in strays[:3])}{' …' if len(strays) > 3 else ''}")
     tensors = {k: (list(t.shape), t.dtype) for k, t in snap.tensors.items()}
     return AdapterHeader(snap.path, method, plugin, config, targets, backbone, meta.get("peftkit.adapter", "default"),
                          tensors, dict(meta))
+
+
+def _under_some(key: str, paths: set[str]) -> bool:
+    """Whether tensor ``key`` is ``<path>.<name>`` for a path of ``paths`` (or a root tensor)."""
+    if "" in paths:
+        return True
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
 
 
 def _check_target(path: Any, entry: Any, where: str) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from .errors import AdapterFileError, ConfigError
 
-__all__ = ["DTYPES", "Snapshot", "TensorInfo", "dtype_name", "open_regular", "remove_stale_temporaries", "serialize",
+__all__ = ["DTYPES", "Snapshot", "TensorInfo", "dtype_name", "finite", "open_regular", "remove_stale_temporaries", "serialize",
            "temporary_beside", "write_atomic"]
 
 # The JSON header's bound. safetensors allows 100 MB; an adapter needs far less (LoRA on every Linear
@@ -49,6 +49,16 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
 DTYPES: dict[str, torch.dtype] = {n: getattr(torch, _TORCH[n]) for n in _NAMES if hasattr(torch, _TORCH[n])}
 _BY_DTYPE = {d: n for n, d in DTYPES.items()}
 _TEMP = re.compile(r"\.(?P<name>.+)\.peftkit-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.old)?\.tmp$")
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity (integer and bool tensors always do; the float8 types,
+    which ``torch.isfinite`` does not take, are checked in float32)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    if t.element_size() == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())
 
 
 def dtype_name(dtype: torch.dtype, what: str = "a tensor") -> str:

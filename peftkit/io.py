@@ -107,7 +107,7 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     tensors = {k: distributed.full_tensor(t.detach()).contiguous().cpu() for k, t in held.items()}
     for k, t in tensors.items():  # checked on every rank, before any writes: nothing half-done, no rank left waiting
         container.dtype_name(t.dtype, f"adapter tensor {k!r}")
-    bad = [k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if not container.finite(t)]
     if bad:
         raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was "
                           "written (a file with them would be refused when loaded). Lower the learning rate, or "
@@ -370,7 +370,7 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
 
 
 def _check_finite(header: AdapterHeader, values: dict[str, torch.Tensor]) -> None:
-    bad = [k for k, t in values.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in values.items() if not container.finite(t)]
     if bad:
         raise AdapterFileError(f"{str(header.path)!r} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; "
                                "it would make every output NaN. Refused.")

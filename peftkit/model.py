@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import container
 from .attach import Entry, RuntimeState, Slot, release, replacement_tensors, slots_in, tensor_slot
 from .errors import AdapterFileError, ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
@@ -645,7 +646,7 @@ class AdaptedModel(nn.Module):
                         raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
                 for path, c in self._records[n].modules.train_items():
                     for tn, t in replacement_tensors(c):
-                        if t.is_floating_point() and not torch.isfinite(t).all():
+                        if not container.finite(t):
                             raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
             started: list[str] = []
             with deferred_interrupts():

@@ -146,7 +146,7 @@ class PeftFormat(Format):
             "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None,
         }
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = [k for k, t in tensors.items() if not container.finite(t)]
         if bad:
             raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was written")
         _write_directory(directory, {WEIGHTS: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
@@ -213,7 +213,7 @@ class PeftFormat(Format):
                 raise AdapterFileError(f"{where} lacks tensors {[shown(PREFIX + k) for k in lacking[:5]]}")
             values = snap.read([names[k] for k in wanted])
         values = {k: values[names[k]] for k in wanted}
-        bad = [names[k] for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [names[k] for k, v in values.items() if not container.finite(v)]
         if bad:
             raise AdapterFileError(f"{where} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; refused")
         prepared = build(model, method, get_method("lora"), paths, train_paths)

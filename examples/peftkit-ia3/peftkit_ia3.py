@@ -15,7 +15,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.targets import find_output_layer
+from peftkit.targets import output_layers
 
 __version__ = "0.1.0"
 
@@ -66,8 +66,8 @@ class IA3(peftkit.Method):
         return isinstance(module, (nn.Linear, nn.Conv2d))
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        head = find_output_layer(model)
-        return [p for p, m in model.named_modules() if p and p != head and self.can_adapt(m)]
+        heads = output_layers(model).all  # the output layer, or every layer producing an output
+        return [p for p, m in model.named_modules() if p and p not in heads and self.can_adapt(m)]
 
     def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
         return IA3Scale(module, self.config.init)

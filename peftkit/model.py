@@ -140,7 +140,10 @@ def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None
         excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
         paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]
         if not paths:
-            raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}; pass targets=[...]")
+            doc = " ".join((type(m).default_targets.__doc__ or "").split()).split(". ")[0].rstrip(".")
+            defaults = f" (its defaults: {doc[0].lower() + doc[1:]})" if doc else ""
+            raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}{defaults}; "
+                              "pass targets=[...]")
     else:
         paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt, method=repr(m.name))
     chosen = set(paths)

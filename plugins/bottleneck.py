@@ -366,6 +366,8 @@ class _Bottleneck(peftkit.Method):
     parallel = False
 
     def default_targets(self, model: nn.Module) -> list[str]:
+        """After the attention and the feed-forward block of each transformer layer, one per CNN
+        residual block, after each LSTM/GRU, else every k x k conv, else every hidden Linear."""
         return default_targets(model, self.config.placement, self.parallel)
 
     def can_adapt(self, module: nn.Module) -> bool:

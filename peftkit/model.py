@@ -235,8 +235,8 @@ class AdaptedModel(nn.Module):
         self._orig_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         self._orig_training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
         self._frozen_norms: list[nn.Module] = []
-        self._guards = [(path, NestedEncoderGuard(enc, self._trains_inside_of(path))) for path, enc in packing_encoders(model)]
-        # one forward at a time, and no adapter change during one (see "Thread safety" in the README)
+        self._guards = [(path, NestedEncoderGuard(enc, _TrainsInside(self._slots, path))) for path, enc in packing_encoders(model)]
+        # one forward at a time, and no adapter change during one (README, "What is thread-safe")
         self.__dict__["_lock"] = threading.RLock()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -260,9 +260,6 @@ class AdaptedModel(nn.Module):
         self.__dict__["_lock"] = threading.RLock()
         if not self.__dict__.get("_detached"):
             self._watch()
-
-    def _trains_inside_of(self, path: str) -> _TrainsInside:
-        return _TrainsInside(self._slots, path)
 
     # -- attribute access falls through to the backbone (e.g. a transformers model's .config) -------
     def __getattr__(self, name: str) -> Any:

@@ -69,26 +69,22 @@ def pattern_problem(pattern: str) -> str | None:
         nonlocal open_repeats
         for op, arg in items:
             name = str(op)
+            why = None
             if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
                 low, high, sub = arg
                 unbounded = high is _sre.MAXREPEAT or high > 16
                 if in_repeat and unbounded:
                     return "it repeats a repeated group (nested quantifiers backtrack exponentially)"
-                if unbounded:
-                    open_repeats += 1
-                    if any(str(o) == "BRANCH" for o, _ in _flat(sub)):
-                        return "it repeats an alternation (ambiguous alternatives backtrack exponentially)"
+                open_repeats += unbounded
                 why = walk(sub, in_repeat or unbounded)
             elif name in ("GROUPREF", "GROUPREF_EXISTS"):
                 return "it uses a back-reference"
-            elif name == "SUBPATTERN":
-                why = walk(arg[-1], in_repeat)
             elif name == "BRANCH":
+                if in_repeat:
+                    return "it repeats an alternation (ambiguous alternatives backtrack exponentially)"
                 why = next((w for branch in arg[1] if (w := walk(branch, in_repeat))), None)
-            elif name in ("ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+            elif name in ("SUBPATTERN", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
                 why = walk(arg[-1], in_repeat)
-            else:
-                why = None
             if why:
                 return why
         return None
@@ -97,23 +93,6 @@ def pattern_problem(pattern: str) -> str | None:
     if why is None and open_repeats > MAX_OPEN_REPEATS:
         why = f"it has {open_repeats} unbounded repeats (at most {MAX_OPEN_REPEATS})"
     return why
-
-
-def _flat(items: Any) -> list[tuple[Any, Any]]:
-    """Every (op, arg) of a parsed pattern, nested ones included."""
-    out = []
-    for op, arg in items:
-        out.append((op, arg))
-        subs = []
-        if str(op) in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-            subs = [arg[2]]
-        elif str(op) in ("SUBPATTERN", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
-            subs = [arg[-1]]
-        elif str(op) == "BRANCH":
-            subs = list(arg[1])
-        for sub in subs:
-            out += _flat(sub)
-    return out
 
 
 def matches(selector: Selector, path: str, module: nn.Module | None = None) -> bool:

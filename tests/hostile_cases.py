@@ -20,22 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import TinyCNN
 from torch import nn
 
 MEMORY_BUDGET = 512 * 1024 * 1024  # bytes of data segment above what setting up took; a 1.4 GB allocation fails
 PEFT_PREFIX = "base_model.model."
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x))))).mean((2, 3)))
 
 
 def fresh() -> TinyCNN:

@@ -139,6 +139,7 @@ class TensorStamp:
         self.version = tensor._version
 
     def matches(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is still the stamped tensor, unchanged (see the class docstring)."""
         a = self.alias
         return (tensor is self.tensor and tensor._version == self.version and tensor.dtype == a.dtype
                 and tensor.device == a.device and tensor.shape == a.shape and tensor.data_ptr() == a.data_ptr())

@@ -87,6 +87,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of :attr:`dtype`."""
         return DTYPES[self.dtype]
 
 
@@ -209,6 +210,7 @@ class Snapshot:
         return out
 
     def close(self) -> None:
+        """Close the file (idempotent); tensors already read stay valid."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -69,6 +69,7 @@ class NestedEncoderGuard:
             self._handles.append(encoder.norm.register_forward_pre_hook(self._before_norm))
 
     def remove(self) -> None:
+        """Take the guard's hooks off the encoder (and its norm)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -19,8 +19,8 @@ from .formats import Format, export, import_adapter
 from .heads import multitask_loss, pinball_loss
 from .hookspecs import hookimpl
 from .io import AdapterHeader, load, read_header, save
-from .method import Adapter, Method
-from .model import AdaptedModel, wrap
+from .method import Adapter, Method, Plan, PlanContext
+from .model import AdaptedModel, HeldAdapter, wrap
 from .plugins import MethodInfo, method_infos
 from .recipes import anchored_loss, param_groups
 from .targets import find_output_layer
@@ -49,8 +49,11 @@ __all__ = [
     "Adapter",
     "AdapterHeader",
     "Format",
+    "HeldAdapter",
     "Method",
     "MethodInfo",
+    "Plan",
+    "PlanContext",
     "anchored_loss",
     "distributed",
     "errors",

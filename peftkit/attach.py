@@ -20,6 +20,8 @@ from torch import nn
 
 from .errors import TargetError
 from .method import Adapter, add_delta, detach_delta
+from .targets import host_of
+from .transaction import Journal
 
 
 @dataclass
@@ -100,7 +102,7 @@ class Entry:
 class Frame:
     """One call of a host: the tensors substituted for it, and the entry standing in for its forward."""
 
-    saved: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
+    substituted: Journal = field(default_factory=Journal)
     after: list[tuple[Entry, str]] = field(default_factory=list)  # entries applied after the forward, and how
     stand_in: Entry | None = None
     taken: bool = False  # the stand-in ran (once: a nested call of the same host runs normally)
@@ -116,6 +118,14 @@ def tensor_slot(module: nn.Module, name: str) -> tuple[dict[str, Any], str]:
         return owner._buffers, leaf
     raise TargetError(f"{type(module).__name__} holds no tensor {name!r} of its own (a parametrization or a hook may "
                       "compute it on each call), so an adapter cannot put a delta there; leave this module out of targets")
+
+
+def acting_host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:
+    """Where the adapter for the module at ``path`` acts, and the prefix of that module's tensor names
+    as seen from there: the ancestor reading the target's tensors directly (weight space), except for
+    a transform-only adapter whose target still runs its own forward."""
+    host, prefix = host_of(model, path)
+    return (path, "") if prefix and not adapter.has_delta else (host, prefix)
 
 
 def replacement_tensors(copy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -280,8 +290,7 @@ class Slot:
         """Put back every tensor still substituted: after a forward that was interrupted where PyTorch
         runs no hooks (``KeyboardInterrupt``). A no-op after a normal call."""
         while self._frames:
-            for store, key, original in reversed(self._frames.pop().saved):
-                store[key] = original
+            self._frames.pop().substituted.undo()
 
     def _live(self) -> list[Entry]:
         return [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]
@@ -301,9 +310,7 @@ class Slot:
         subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad, forms)
         frame.after = [(e, f) for e, f in zip(entries, forms, strict=True) if f in ("transform", "fold")]
         for name, tensor in subs.items():
-            store, key = tensor_slot(host, name)
-            frame.saved.append((store, key, store[key]))
-            store[key] = tensor
+            frame.substituted.put(*tensor_slot(host, name), tensor)
 
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         for e, form in self._frames[-1].after if self._frames else ():
@@ -315,8 +322,7 @@ class Slot:
 
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:
         if self._frames:
-            for store, key, original in reversed(self._frames.pop().saved):
-                store[key] = original
+            self._frames.pop().substituted.undo()
 
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:

@@ -7,12 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .demo import run
 from .errors import PeftkitError
+from .io import read_header
+from .plugins import failed_plugins, method_infos
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from .plugins import failed_plugins, method_infos
-
     infos = method_infos()
     if args.json:
         print(json.dumps({n: {"plugin": i.plugin, "distribution": i.distribution, "version": i.version, "doc": i.doc}
@@ -29,8 +30,6 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import read_header
-
     h = read_header(args.file)
     info = {
         "file": str(h.path),
@@ -63,8 +62,6 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
-
     return run(out=args.out, methods=args.methods, quick=args.quick, seed=args.seed)
 
 

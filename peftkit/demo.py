@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+import peftkit
+
 from .progress import Progress
 
 N_CLASSES = 6  # 3..8 points
@@ -200,8 +202,6 @@ def _plot(rows: list[Row], path: Path) -> bool:
 
 
 def _adapt(name: str, weights: Path, task: Task, steps: int, seed: int, folder: Path) -> Row:
-    import peftkit
-
     options, lr = RECIPES.get(name, ({}, 3e-3))
     options = dict(options)
     if name == "fish":
@@ -225,8 +225,6 @@ def _reference(name: str, weights: Path | None, task: Task, steps: int, seed: in
 
 
 def _multitask(weights: Path, task: Task, steps: int, seed: int, folder: Path) -> None:
-    import peftkit
-
     lo, hi = task.size.min(), task.size.max()
 
     def scaled(r: torch.Tensor) -> torch.Tensor:
@@ -259,8 +257,6 @@ def _multitask(weights: Path, task: Task, steps: int, seed: int, folder: Path) -
 
 def run(out: str = "peftkit-demo", methods: str | None = None, quick: bool = False, seed: int = 0) -> int:
     """Run the demo; returns the process exit code."""
-    import peftkit
-
     torch.set_num_threads(min(2, torch.get_num_threads()))
     folder = Path(out)
     (folder / "adapters").mkdir(parents=True, exist_ok=True)

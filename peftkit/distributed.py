@@ -27,78 +27,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
+from .attach import acting_host
 from .errors import ConfigError, MergeError, PluginError
+from .model import AdaptedModel
+from .sharding import (
+    all_reduce_sum,
+    assign,
+    full_tensor,
+    initialized,
+    is_dtensor,
+    is_sharded,
+    original_class,
+    rank,
+    unwrap_parallel,
+    world_size,
+)
 from .targets import Selection, find_blocks, is_under, select_modules
 
-__all__ = ["is_sharded", "rank", "shard", "world_size"]
-
-
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    """This process's rank in the default process group (0 when not distributed)."""
-    return torch.distributed.get_rank() if _initialized() else 0
-
-
-def world_size() -> int:
-    """Processes in the default process group (1 when not distributed)."""
-    return torch.distributed.get_world_size() if _initialized() else 1
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return None
-    return DTensor
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (e.g. an FSDP2-sharded parameter)."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from every rank for a DTensor (a collective call), else ``t``."""
-    return t.full_tensor() if is_dtensor(t) else t
-
-
-def assign(dst: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the whole tensor ``full`` into ``dst`` in place: for a DTensor (a sharded parameter), only
-    this rank's part, sliced locally (every rank holds ``full``, so nothing is communicated)."""
-    if not is_dtensor(dst):
-        dst.copy_(full)
-        return
-    from torch.distributed.tensor import distribute_tensor
-
-    placed = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
-    dst.to_local().copy_(placed.to_local())
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a DTensor (sharded with FSDP2 or tensor parallelism)."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
-def unwrap_parallel(model: Any) -> Any:
-    """The module inside a ``DistributedDataParallel`` (or DataParallel) wrapper; else ``model``."""
-    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, parallel) else model
-
-
-def original_class(module: nn.Module) -> type:
-    """A module's own class, not the subclass ``fully_shard`` swaps in (``FSDPLinear`` -> ``Linear``)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return type(module)
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+__all__ = [
+    "all_reduce_sum", "assign", "full_tensor", "is_dtensor", "is_sharded", "original_class", "rank", "shard",
+    "unwrap_parallel", "world_size",
+]
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -167,11 +118,9 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .model import AdaptedModel, _host
-
     if not isinstance(model, AdaptedModel):
         raise ConfigError(f"shard() takes an AdaptedModel (from peftkit.wrap or peftkit.load), got {type(model).__name__}")
-    if model.__dict__.get("_sharded"):
+    if model.sharded:
         raise ConfigError("this model is already sharded")
     scalars = [n for n, p in model.peft_adapters.named_parameters() if p.dim() == 0]
     if scalars:
@@ -187,14 +136,14 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
              and any(True for _ in base.get_submodule(p).parameters())]
     if not paths:
         raise ConfigError(f"no block with parameters to shard in {type(base).__name__}; pass blocks=[...]")
-    if mesh is None and not _initialized():
+    if mesh is None and not initialized():
         raise ConfigError("shard() needs torch.distributed initialised: run under torchrun and call "
                           "torch.distributed.init_process_group() first (or pass mesh=)")
     # an adapter belongs to the block around the module whose forward applies it (its host)
     owned: dict[str, list[nn.Module]] = {p: [] for p in paths}
-    for rec in model._records.values():
-        mods = rec.modules
-        acting = [(_host(base, p, a)[0], a) for p, a in mods.items()] + list(mods.train_items())
+    for name in model.adapter_names:
+        mods = model.get_adapter(name).modules
+        acting = [(acting_host(base, p, a)[0], a) for p, a in mods.items()] + list(mods.train_items())
         if mods.heads is not None:
             acting.append((mods.heads_path, mods.heads))
         for where, module in acting:
@@ -214,15 +163,5 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
         grouped.update(member.parameters())
     # the root's parameters are needed again as soon as the backward starts: keep them gathered
     fully_shard(model, ignored_params=grouped, **{**options, "reshard_after_forward": False})
-    model.__dict__["_sharded"] = True
     model.cache_weights = False
     return model
-
-
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor in place over the default process group (no-op when not distributed). Every
-    rank must call it with the same tensors, in the same order."""
-    if world_size() == 1:
-        return
-    for t in tensors:
-        torch.distributed.all_reduce(t)

@@ -6,6 +6,8 @@ type. Messages say what was wrong, what was expected and how to fix it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AdapterFileError",
     "BackboneMismatchError",
@@ -53,3 +55,9 @@ class PluginError(PeftkitError):
 
 class MergeError(PeftkitError):
     """A merge that cannot be done exactly or would corrupt the base weights."""
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value from a file, safe to print: quoted, control characters escaped, cut to ``limit``."""
+    text = repr(value) if isinstance(value, str) else repr(str(value))
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-1]

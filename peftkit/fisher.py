@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as dist
+from . import sharding as dist
 from .errors import ConfigError
 from .progress import Progress
 

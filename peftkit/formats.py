@@ -10,10 +10,13 @@ from typing import ClassVar
 
 from torch import nn
 
-from .errors import AdapterFileError, UnknownMethodError
-from .model import AdaptedModel, Prepared, attach, check_name, ensure_unwrapped
+from .build import Prepared
+from .errors import AdapterFileError, ConfigError, UnknownMethodError
+from .model import AdaptedModel, attach, check_name, ensure_unwrapped
+from .plugins import collect
+from .sharding import unwrap_parallel
 
-__all__ = ["Format", "export", "find_format", "import_adapter"]
+__all__ = ["Format", "export", "find_format", "format_classes", "import_adapter"]
 
 
 class Format:
@@ -30,7 +33,9 @@ class Format:
         raise NotImplementedError
 
     def read(self, model: nn.Module, path: Path) -> Prepared:
-        """Validate ``path`` against ``model`` and build the adapter, without touching ``model``."""
+        """Validate ``path`` against ``model`` and build the adapter, without touching ``model``:
+        make a :class:`~peftkit.plan.AdapterPlan` from the file and build it with
+        :func:`peftkit.build.build` (a dry run with ``on_meta=True`` first checks sizes for free)."""
         raise NotImplementedError
 
     def write(self, model: AdaptedModel, adapter: str, path: Path) -> Path:
@@ -38,9 +43,12 @@ class Format:
         raise NotImplementedError
 
 
-def _format(name: str) -> Format:
-    from .plugins import format_classes
+def format_classes() -> dict[str, type[Format]]:
+    """Every registered adapter file format class, by name (``register_formats`` hook)."""
+    return {name: r.cls for name, r in collect("register_formats", Format, "format").items()}
 
+
+def _format(name: str) -> Format:
     formats = format_classes()
     if name not in formats:
         raise UnknownMethodError(f"unknown adapter format {name!r}; available: {', '.join(formats) or '(none)'}")
@@ -49,8 +57,6 @@ def _format(name: str) -> Format:
 
 def find_format(path: str | os.PathLike[str]) -> Format | None:
     """The registered format that recognises ``path``, if any."""
-    from .plugins import format_classes
-
     for cls in format_classes().values():
         fmt = cls()
         if fmt.detect(Path(path)):
@@ -76,7 +82,15 @@ def import_adapter(model: nn.Module, path: str | os.PathLike[str], format: str |
 
 
 def export(model: AdaptedModel, path: str | os.PathLike[str], format: str, adapter: str | None = None) -> Path:
-    """Write one adapter of ``model`` to ``path`` in another format (e.g. ``format="peft"``)."""
-    from .io import _pick_adapter
+    """Write one adapter of ``model`` to ``path`` in another format (e.g. ``format="peft"``).
 
-    return _format(format).write(model, _pick_adapter(model, adapter), Path(path))
+    Args:
+        model: The adapted model (a DistributedDataParallel wrapper around one is fine).
+        path: Where to write.
+        format: The format's name.
+        adapter: Which adapter; default: the only adapter, or the only active one.
+    """
+    model = unwrap_parallel(model)
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"expected an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
+    return _format(format).write(model, model.get_adapter(adapter).name, Path(path))

@@ -1,80 +1,32 @@
-"""Adapter files: safetensors with string metadata, written atomically, validated before use.
+"""Saving and loading adapters: ``save``, ``load`` and ``hotswap``, for plain and distributed models.
 
-Metadata keys (all strings): ``peftkit.format``, ``peftkit.method``, ``peftkit.plugin`` (JSON:
-distribution, version, entry point), ``peftkit.config`` (JSON), ``peftkit.targets`` (JSON: path ->
-class, role and tensor shapes), ``peftkit.backbone`` (JSON fingerprint), ``peftkit.adapter`` (the
-adapter's name), ``peftkit.version``. Tensors: ``<backbone path>.<adapter tensor name>``.
+The file format and its checks are in :mod:`peftkit.files`; other formats (Hugging Face PEFT) in
+:mod:`peftkit.formats`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from . import container, distributed
-from .attach import TensorStamp, stamps_match
-from .errors import AdapterFileError, BackboneMismatchError, ConfigError, PeftkitError, UnknownMethodError
-from .method import Method
-from .model import AdaptedModel, AdapterSet, Prepared, attach, build, check_name, ensure_unwrapped
-from .plugins import MethodInfo, get_method
-from .targets import nearest_names
-from .transaction import deferred_interrupts, finish
+from . import container, sharding
+from .errors import ConfigError
+from .files import AdapterHeader, file_metadata, is_safetensors, read_adapter, read_header
+from .formats import find_format, import_adapter
+from .model import AdaptedModel, attach, check_name, ensure_unwrapped
 
-__all__ = ["FORMAT_VERSION", "AdapterHeader", "hotswap", "load", "read_header", "save"]
-
-FORMAT_VERSION = "1"
-_KEYS = ("peftkit.format", "peftkit.method", "peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")
+__all__ = ["AdapterHeader", "hotswap", "load", "read_header", "save"]
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
-
-
-def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.state_dict(keep_vars=True))
-
-
-def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
-    """path -> {class, role, shapes[, spec]} for the base modules an adapter touches."""
-    out: dict[str, Any] = {}
-
-    def add(path: str, role: str, spec: dict[str, Any]) -> None:
-        m = model.get_submodule(path)
-        out[path] = {"class": distributed.original_class(m).__name__, "role": role,
-                     "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
-        if spec:
-            out[path]["spec"] = spec
-
-    for p, a in modules.items():
-        add(p, "target", a.spec())
-    for p, _ in modules.train_items():
-        add(p, "head", {"outputs": modules.fresh[p]}) if p in modules.fresh else add(p, "train", {})
-    if modules.heads is not None:
-        add(modules.heads_path, "heads", modules.heads.spec())
-    return out
-
-
-def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[str, str | None]:
-    """Hash of the touched base tensors' names, shapes and dtypes (and values when asked; sharded
-    tensors are gathered for that, so under FSDP2 every rank must call it)."""
-    layout = hashlib.sha256()
-    content = hashlib.sha256() if with_values else None
-    for p in sorted(paths):
-        for k, t in sorted(_module_tensors(model.get_submodule(p)).items()):
-            layout.update(f"{p}.{k}|{list(t.shape)}|{t.dtype}\n".encode())
-            if content is not None:
-                whole = distributed.full_tensor(t.detach())
-                content.update(whole.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
+def _adapted(model: object) -> AdaptedModel:
+    """The AdaptedModel inside a DistributedDataParallel wrapper (or ``model`` itself)."""
+    model = sharding.unwrap_parallel(model)
+    if not isinstance(model, AdaptedModel):
+        raise ConfigError(f"expected an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
+    return model
 
 
 def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None, *,
@@ -95,16 +47,15 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
     Returns:
         The path written (or that rank ``writer`` wrote).
     """
-    model = distributed.unwrap_parallel(model)
-    adapter = _pick_adapter(model, adapter)
-    rec = model._record(adapter)
-    if adapter in model._state.merged:
+    model = _adapted(model)
+    entry = model.get_adapter(adapter)
+    adapter = entry.name
+    if adapter in model.merged_adapters:
         raise ConfigError(f"adapter {adapter!r} is merged; unmerge() before saving so the file holds its own tensors")
     base = model.base_model
-    mods = rec.modules
-    held = mods.file_tensors()
-    sharded = any(distributed.is_dtensor(t) for t in held.values()) or distributed.is_sharded(base)
-    tensors = {k: distributed.full_tensor(t.detach()).contiguous().cpu() for k, t in held.items()}
+    held = entry.modules.file_tensors()
+    sharded = any(sharding.is_dtensor(t) for t in held.values()) or sharding.is_sharded(base)
+    tensors = {k: sharding.full_tensor(t.detach()).contiguous().cpu() for k, t in held.items()}
     for k, t in tensors.items():  # checked on every rank, before any writes: nothing half-done, no rank left waiting
         container.dtype_name(t.dtype, f"adapter tensor {k!r}")
     bad = [k for k, t in tensors.items() if not container.finite(t)]
@@ -112,403 +63,23 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was "
                           "written (a file with them would be refused when loaded). Lower the learning rate, or "
                           "load an earlier checkpoint.")
-    described = describe_targets(base, mods)
-    meta = {
-        "peftkit.format": FORMAT_VERSION,
-        "peftkit.method": rec.method.name,
-        "peftkit.plugin": _json({"distribution": rec.info.distribution, "version": rec.info.version,
-                                 "entry_point": rec.info.plugin}),
-        "peftkit.config": rec.method.config_json(),
-        "peftkit.targets": _json(described),
-        "peftkit.backbone": _json(fingerprint(base, list(described), rec.method.hash_base_values)),
-        "peftkit.adapter": adapter,
-        "peftkit.version": _version(),
-    }
+    meta = file_metadata(base, adapter, entry.method, entry.info, entry.modules)
     dest = Path(path)
-    if writer is None or distributed.rank() == writer:
+    if writer is None or sharding.rank() == writer:
         container.write_atomic(dest, tensors, meta)
-    if sharded and distributed.world_size() > 1:
+    if sharded and sharding.world_size() > 1:
         torch.distributed.barrier()  # the file exists on every rank's return
     return dest
 
 
-def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
-    model = distributed.unwrap_parallel(model)
-    if not isinstance(model, AdaptedModel):
-        raise ConfigError(f"expected an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
-    if adapter is None:
-        names = model.adapter_names if len(model.adapter_names) == 1 else model.active_adapters
-        if len(names) != 1:
-            raise ConfigError(f"this model holds adapters {model.adapter_names}; say which one with adapter=NAME")
-        adapter = names[0]
-    model._record(adapter)
-    return adapter
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("peftkit")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass
-class AdapterHeader:
-    """An adapter file's metadata and tensor table, read without loading the tensors (every field
-    checked for type)."""
-
-    path: Path
-    method: str
-    plugin: dict[str, str]
-    config: dict[str, Any]
-    targets: dict[str, Any]
-    backbone: dict[str, Any]
-    adapter: str
-    tensors: dict[str, tuple[list[int], str]]  # key -> (shape, dtype)
-    metadata: dict[str, str]
-
-    @property
-    def tensor_bytes(self) -> int:
-        total = 0
-        for shape, dtype in self.tensors.values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n * container.DTYPES[dtype].itemsize
-        return total
-
-
-_ROLES = ("target", "train", "head", "heads")
-_DISTRIBUTION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")  # a valid (PEP 508) package name
-
-
-def shown(value: Any, limit: int = 80) -> str:
-    """A value from a file, safe to print: quoted, control characters escaped, cut to ``limit``."""
-    text = repr(value) if isinstance(value, str) else repr(str(value))
-    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-1]
-
-
-def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
-    """Read and check an adapter file's metadata (no backbone needed).
-
-    Raises:
-        AdapterFileError: missing, not a regular file, not a safetensors file, truncated, corrupt,
-            not a peftkit file, malformed metadata, or written by a newer format version.
-    """
-    with container.Snapshot(path) as snap:
-        return _header(snap)
-
-
-def _metadata_json(text: str, key: str, where: str, kind: type) -> Any:
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise AdapterFileError(f"{where} has corrupt metadata {key} ({type(exc).__name__})") from None
-    if not isinstance(value, kind):
-        raise AdapterFileError(f"{where}: metadata {key} is a JSON {type(value).__name__}, expected a {kind.__name__}")
-    return value
-
-
-def _header(snap: container.Snapshot) -> AdapterHeader:
-    meta, where = snap.metadata, repr(str(snap.path))
-    missing = [k for k in _KEYS if k not in meta]
-    if missing:
-        raise AdapterFileError(f"{where} is not a peftkit adapter file: metadata lacks {', '.join(missing)}")
-    if meta["peftkit.format"] != FORMAT_VERSION:
-        raise AdapterFileError(f"{where} uses adapter format {shown(meta['peftkit.format'])}; this peftkit reads "
-                               f"format {FORMAT_VERSION!r}. Upgrade peftkit (pip install -U peftkit).")
-    method = meta["peftkit.method"]
-    if not method or len(method) > 200 or not method.isprintable():
-        raise AdapterFileError(f"{where} names method {shown(method)}, which is not a method name")
-    plugin = _metadata_json(meta["peftkit.plugin"], "peftkit.plugin", where, dict)
-    if not all(isinstance(v, str) for v in plugin.values()):
-        raise AdapterFileError(f"{where}: metadata peftkit.plugin holds non-string values")
-    config = _metadata_json(meta["peftkit.config"], "peftkit.config", where, dict)
-    targets = _metadata_json(meta["peftkit.targets"], "peftkit.targets", where, dict)
-    for path, entry in targets.items():
-        _check_target(path, entry, where)
-    backbone = _metadata_json(meta["peftkit.backbone"], "peftkit.backbone", where, dict)
-    if not isinstance(backbone.get("layout"), str) or not isinstance(backbone.get("values"), (str, type(None))):
-        raise AdapterFileError(f"{where}: metadata peftkit.backbone needs a 'layout' string and a 'values' string or null")
-    paths = set(targets)
-    strays = [k for k in snap.tensors if not _under_some(k, paths)]
-    if strays:  # cheap, before any per-target work: every tensor belongs to a module of the table
-        raise AdapterFileError(f"{where} holds tensors of no module in its targets table: "
-                               f"{', '.join(shown(k) for k in strays[:3])}{' …' if len(strays) > 3 else ''}")
-    tensors = {k: (list(t.shape), t.dtype) for k, t in snap.tensors.items()}
-    return AdapterHeader(snap.path, method, plugin, config, targets, backbone, meta.get("peftkit.adapter", "default"),
-                         tensors, dict(meta))
-
-
-def _under_some(key: str, paths: set[str]) -> bool:
-    """Whether tensor ``key`` is ``<path>.<name>`` for a path of ``paths`` (or a root tensor)."""
-    if "" in paths:
-        return True
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
-
-
-def _check_target(path: Any, entry: Any, where: str) -> None:
-    """One row of the targets table: ``{class: str, role: str, shapes: {name: [int]}, spec?: {...}}``."""
-    ok = (isinstance(entry, dict) and isinstance(entry.get("class"), str) and entry.get("role") in _ROLES
-          and isinstance(entry.get("shapes"), dict) and isinstance(entry.get("spec", {}), dict)
-          and all(isinstance(k, str) and isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)
-                  for k, v in entry["shapes"].items()))
-    if not ok:
-        raise AdapterFileError(f"{where}: the targets table's row for {shown(path)} is malformed (expected class, "
-                               f"role one of {', '.join(_ROLES)}, shapes as lists of integers, and an optional spec)")
-    spec = entry.get("spec", {})
-    if entry["role"] == "head" and not (type(spec.get("outputs")) is int and spec["outputs"] >= 1):
-        raise AdapterFileError(f"{where}: head {shown(path)} declares outputs {shown(spec.get('outputs'))}, not a count")
-    if entry["role"] == "heads" and not (isinstance(spec.get("heads"), dict) and spec["heads"]
-                                         and all(isinstance(k, str) and type(v) is int and v >= 1
-                                                 for k, v in spec["heads"].items())):
-        raise AdapterFileError(f"{where}: heads at {shown(path)} are malformed (expected name -> outputs)")
-
-
-def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
-    modules = dict(model.named_modules())
-    problems = []
-    for path, want in header.targets.items():
-        m = modules.get(path)
-        if m is None:
-            if len(problems) < 5:  # only the reported ones get a (costly) nearest-name search
-                near = nearest_names(model, path, 3)
-                problems.append(f"module {path!r} is missing" + (f" (nearest: {', '.join(near)})" if near else ""))
-            else:
-                problems.append(path)
-            continue
-        have_class = distributed.original_class(m).__name__
-        if have_class != want["class"]:
-            problems.append(f"{path!r} is a {have_class}, the file expects a {want['class']}")
-            continue
-        have = {k: list(t.shape) for k, t in _module_tensors(m).items()}
-        if have != want["shapes"]:
-            diff = [f"{k}: file {want['shapes'].get(k)} vs model {have.get(k)}"
-                    for k in sorted(set(have) | set(want["shapes"])) if have.get(k) != want["shapes"].get(k)]
-            problems.append(f"{path!r} tensor shapes differ ({'; '.join(diff[:3])})")
-    if problems:
-        raise BackboneMismatchError(
-            f"{str(header.path)!r} was made for another backbone: " + "; ".join(problems[:5])
-            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            + ". Load it onto the model it was trained on.")
-    got = fingerprint(model, list(header.targets), header.backbone.get("values") is not None)
-    if got["layout"] != header.backbone.get("layout"):
-        raise BackboneMismatchError(
-            f"{str(header.path)!r}: the targeted tensors' names or dtypes differ from the backbone it was made for "
-            "(e.g. float32 vs bfloat16); cast the model to the dtype it was trained in, or retrain.")
-    if got["values"] != header.backbone.get("values"):
-        raise BackboneMismatchError(
-            f"{str(header.path)!r} holds deltas for specific base weights, and this backbone's weights differ "
-            "(same architecture, other values). Load it onto the exact pretrained weights it was trained on.")
-
-
-def _method(header: AdapterHeader) -> tuple[MethodInfo, Method]:
-    """The installed method the file needs, configured from the file (refused with a safe message)."""
-    where = repr(str(header.path))
-    try:
-        info = get_method(header.method)
-    except UnknownMethodError as exc:
-        plug = header.plugin
-        dist = plug.get("distribution", "")
-        hint = (f"install it (pip install {dist}) and retry" if _DISTRIBUTION.fullmatch(dist) else
-                "no install command is suggested, as that is not a valid package name")
-        raise UnknownMethodError(
-            f"{where} needs method {shown(header.method)}, written by plugin {shown(plug.get('entry_point', '?'))} of "
-            f"distribution {shown(dist)} (version {shown(plug.get('version', '?'))}); {hint}. {exc}") from None
-    try:
-        return info, info.cls.configure(**header.config)
-    except ConfigError as exc:
-        raise AdapterFileError(f"{where} has a config the installed {info.distribution} {info.version} does not accept "
-                               f"(written by {shown(header.plugin.get('version', '?'))}): {exc}") from exc
-    except Exception as exc:  # a plugin's config rejecting a value in an unplanned way
-        raise AdapterFileError(f"{where} has a config method {info.name!r} cannot take: {type(exc).__name__}: "
-                               f"{str(exc)[:200]}") from None
-
-
-def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[AdapterHeader, Prepared]:
-    """Validate an adapter file against ``model`` and build its adapter, without touching ``model``.
-
-    In this order, everything from one snapshot of the file: the header (types, sizes against the
-    file's bytes), the method and its config, the backbone (modules, classes, shapes, fingerprint),
-    then a dry run of the build on the meta device whose tensors must match the file's table, so
-    that no size the file declares is allocated before the file is known to hold it. Only then the
-    real build, the values (which must be finite) and the adapters' own checks.
-    """
-    with container.Snapshot(path) as snap:
-        header = _header(snap)
-        info, method = _method(header)
-        _check_backbone(model, header)
-        roles = {p: t["role"] for p, t in header.targets.items()}
-        specs = {p: t.get("spec", {}) for p, t in header.targets.items()}
-        parts = ([p for p, r in roles.items() if r == "target"], [p for p, r in roles.items() if r in ("train", "head")])
-        layout = {"specs": specs, "fresh": {p: specs[p]["outputs"] for p, r in roles.items() if r == "head"},
-                  "heads": next(((p, specs[p]["heads"]) for p, r in roles.items() if r == "heads"), None)}
-        where = repr(str(header.path))
-        try:
-            plan = build(model, method, info, *parts, **layout, on_meta=True)
-        except PeftkitError:
-            raise
-        except Exception as exc:  # a spec the method cannot build from
-            raise AdapterFileError(f"{where} has target specs method {method.name!r} cannot build from: "
-                                   f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        _check_tensors(header, plan.modules.file_tensors())
-        prepared = build(model, method, info, *parts, **layout)
-        expected = prepared.modules.file_tensors()
-        values = snap.read(list(expected))
-    _check_finite(header, values)
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(values[k])
-    _validate(header, model, prepared.modules)
-    # the hot swap of another file into this adapter compares against these (already checked here)
-    prepared.cache = {"targets": header.targets, _fingerprint_key(header.backbone): header.backbone,
-                      "stamps": [TensorStamp(t) for t in _touched(model, header.targets)]}
-    return header, prepared
-
-
-def _check_finite(header: AdapterHeader, values: dict[str, torch.Tensor]) -> None:
-    bad = [k for k, t in values.items() if not container.finite(t)]
-    if bad:
-        raise AdapterFileError(f"{str(header.path)!r} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; "
-                               "it would make every output NaN. Refused.")
-
-
-def _validate(header: AdapterHeader, model: nn.Module, modules: AdapterSet) -> None:
-    """The adapters' own checks of the values just loaded (e.g. FISH's positions inside their tensors)."""
-    for p, a in modules.items():
-        try:
-            a.validate(model.get_submodule(p))
-        except (ValueError, IndexError, TypeError, RuntimeError) as exc:
-            raise AdapterFileError(f"{str(header.path)!r}: the adapter for {p!r} does not fit its module: {exc}") from None
-
-
-def _touched(model: nn.Module, paths: Any) -> list[torch.Tensor]:
-    """The base tensors a file's checks read (what the checks cached on a record must still match)."""
-    return [t for p in sorted(set(paths)) for t in _module_tensors(model.get_submodule(p)).values()]
-
-
-def _fingerprint_key(backbone: dict[str, Any]) -> str:
-    """Where a record caches its backbone fingerprint: with or without the content hash."""
-    return "backbone+values" if backbone.get("values") is not None else "backbone"
-
-
 def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> str:
-    """Replace an existing adapter's tensors by a compatible file's, in place (a hot swap).
-
-    Nothing is rebuilt or re-attached: the same modules and parameters (so an optimizer, a
-    ``torch.compile`` graph or FSDP2 groups built on them stay valid) take the file's values. The
-    file must hold the same method with the same options on the same targets: for example another
-    task's adapter trained with the same recipe. On an FSDP2-sharded model every rank reads the file
-    and keeps its own shard (no communication); under DDP, swap on every rank.
-
-    Args:
-        model: The adapted model (a DistributedDataParallel wrapper around one is fine).
-        path: The ``.safetensors`` adapter file.
-        adapter: The adapter to overwrite; default: the only adapter, or the only active one.
+    """Replace an existing adapter's tensors by a compatible file's, in place: see
+    :meth:`AdaptedModel.hotswap` (a DistributedDataParallel wrapper around the model is fine).
 
     Returns:
         The name of the adapter swapped.
-
-    Raises:
-        AdapterFileError: the file does not fit this adapter (another method, other options, other
-            targets or tensor shapes); use :meth:`AdaptedModel.load_adapter` for those.
-        BackboneMismatchError: the file was made for other base weights.
-        ConfigError: the adapter is merged.
     """
-    model = distributed.unwrap_parallel(model)
-    name = _pick_adapter(model, adapter)
-    with model._lock:  # a forward running meanwhile sees the old adapter or the new one, never a mix
-        return _hotswap(model, name, path)
-
-
-def _hotswap(model: AdaptedModel, name: str, path: str | os.PathLike[str]) -> str:
-    rec = model._record(name)
-    if name in model._state.merged:
-        raise ConfigError(f"adapter {name!r} is merged; unmerge() before hot swapping its weights")
-    with container.Snapshot(path) as snap:
-        header = _header(snap)
-        _check_swappable(model, name, rec, header)
-        expected = rec.modules.file_tensors()
-        _check_tensors(header, expected)
-        values = snap.read(list(expected))
-    _check_finite(header, values)
-    with torch.no_grad(), deferred_interrupts():
-        before = {k: distributed.full_tensor(t.detach()).clone() for k, t in expected.items()}
-        try:
-            for k, dst in expected.items():
-                distributed.assign(dst, values[k])
-            _validate(header, model.base_model, rec.modules)
-        except BaseException:  # refused, or interrupted: the adapter keeps its values, all of them
-            finish([functools.partial(distributed.assign, dst, before[k]) for k, dst in expected.items()])
-            raise
-        finally:
-            model._drop_folded()
-    return name
-
-
-def _check_swappable(model: AdaptedModel, name: str, rec: Any, header: AdapterHeader) -> None:
-    """Whether a file can be swapped into adapter ``name`` (same method, options, targets, backbone)."""
-    where = repr(str(header.path))
-    if header.method != rec.method.name:
-        raise AdapterFileError(f"{where} holds a {shown(header.method)} adapter and {name!r} is {rec.method.name!r}; "
-                               "load it as a new adapter with load_adapter() instead")
-    mine = json.loads(rec.method.config_json())
-    if header.config != mine:
-        diff = [f"{k}: file {shown(header.config.get(k), 40)} vs {mine.get(k)!r}"
-                for k in sorted(set(mine) | set(header.config)) if mine.get(k) != header.config.get(k)]
-        raise AdapterFileError(f"{where} was trained with other options than adapter {name!r} ({'; '.join(diff[:4])}); "
-                               "hot swapping needs the same options. Load it with load_adapter() instead.")
-    base = model.base_model
-    cached = rec.cache
-    touched = _touched(base, [*rec.modules.paths, *rec.modules.train_paths,
-                              *([rec.modules.heads_path] if rec.modules.heads is not None else [])])
-    if not stamps_match(cached.get("stamps", []), touched):  # first swap, or the backbone changed (dtype, values)
-        cached.clear()
-        cached["stamps"] = [TensorStamp(t) for t in touched]
-    if "targets" not in cached:
-        cached["targets"] = describe_targets(base, rec.modules)
-    if header.targets != cached["targets"]:
-        diff = sorted(shown(p) for p in set(header.targets) | set(cached["targets"])
-                      if header.targets.get(p) != cached["targets"].get(p))
-        raise AdapterFileError(f"{where} adapts other modules, or the same ones with other shapes, than adapter "
-                               f"{name!r} (first differences: {', '.join(diff[:3])}); load it with load_adapter() instead")
-    key = _fingerprint_key(header.backbone)
-    if key not in cached:
-        cached[key] = fingerprint(base, list(cached["targets"]), header.backbone.get("values") is not None)
-    if cached[key] != header.backbone:
-        raise BackboneMismatchError(f"{where} was made for other base weights (or dtypes) than this model's; "
-                                    "load it onto the backbone it was trained on")
-
-
-def _check_tensors(header: AdapterHeader, expected: dict[str, torch.Tensor]) -> None:
-    """The file's tensor table against the keys, shapes and dtypes an adapter holds (global shapes for
-    sharded tensors), before any tensor is read."""
-    where = repr(str(header.path))
-    missing = sorted(set(expected) - set(header.tensors))
-    unexpected = sorted(set(header.tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(f"{where} does not match its own metadata: missing tensors "
-                               f"{[shown(k) for k in missing[:5]]}, unexpected {[shown(k) for k in unexpected[:5]]}"
-                               + (f" (and {len(missing) + len(unexpected) - 10} more)" if len(missing) + len(unexpected) > 10 else ""))
-    wrong = []
-    for k, t in expected.items():
-        want = (list(t.shape), container.dtype_name(t.dtype))
-        if header.tensors[k] != want:
-            wrong.append(f"{shown(k)}: file {header.tensors[k][0]} {header.tensors[k][1]} vs expected {want[0]} {want[1]}")
-    if wrong:
-        raise AdapterFileError(f"{where} has tensors of the wrong shape or dtype: {'; '.join(wrong[:5])}")
-
-
-def _is_safetensors(path: Path) -> bool:
-    fd, _ = container.open_regular(path)
-    try:
-        head = os.pread(fd, 9, 0)
-    finally:
-        os.close(fd)
-    return len(head) == 9 and head[8:9] == b"{"
+    return _adapted(model).hotswap(path, adapter)
 
 
 def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None) -> AdaptedModel:
@@ -531,14 +102,12 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str | None = None
     Raises:
         AdapterFileError, BackboneMismatchError, UnknownMethodError: the file cannot be used here.
     """
-    if Path(path).is_dir() or (Path(path).is_file() and not _is_safetensors(Path(path))):
-        from .formats import find_format, import_adapter
-
-        if find_format(path) is not None:  # another format (e.g. a PEFT directory)
-            return import_adapter(model, path, name=name or "default")
-    model = distributed.unwrap_parallel(model)
+    other_format = Path(path).is_dir() or (Path(path).is_file() and not is_safetensors(Path(path)))
+    if other_format and find_format(path) is not None:  # another format (e.g. a PEFT directory)
+        return import_adapter(model, path, name=name or "default")
+    model = sharding.unwrap_parallel(model)
     if isinstance(model, AdaptedModel):
-        target = (name or read_header(path).adapter) if model.__dict__.get("_sharded") else None
+        target = (name or read_header(path).adapter) if model.sharded else None
         if target in model.adapter_names:
             hotswap(model, path, target)  # FSDP2: the adapter exists; each rank takes its shard
         else:

@@ -25,8 +25,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .targets import output_layers
 
-__all__ = ["Adapter", "Delta", "LowRankDelta", "Method", "SparseDelta", "add_delta", "detach_delta"]
+__all__ = [
+    "Adapter", "Delta", "LowRankDelta", "Method", "Plan", "PlanContext", "SparseDelta", "add_delta", "detach_delta",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +111,6 @@ class Adapter(nn.Module):
         it cannot be merged)."""
         return None
 
-    def spec(self) -> dict[str, Any]:
-        """JSON-serialisable facts needed to rebuild this adapter before its tensors are loaded
-        (stored per target in the file; see :meth:`Method.rebuild`). Default: none."""
-        return {}
-
     @property
     def train_in_weight_space(self) -> bool:
         """Use the weight-space form also while training (default: output space). Worth it where the
@@ -183,20 +181,78 @@ class Adapter(nn.Module):
         return type(self).delta is not Adapter.delta
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanContext:
+    """What :meth:`Method.plan` is given: the model and the choices already made for it.
+
+    Attributes:
+        model: The backbone (frozen, unchanged).
+        targets: The selected target paths: the user's ``targets`` (filtered with
+            :meth:`Method.can_adapt`), or :meth:`Method.default_targets`, minus ``exclude`` and
+            the modules trained whole or replaced.
+        explicit: Whether the user chose ``targets`` (False: the method's defaults).
+        train: Paths of the modules trained whole or replaced (``train``, ``head``, ``heads``).
+        trained_parameters: How many parameters those train (a method with a parameter budget
+            counts them inside it, as FISH does).
+        output_layer: Path of the model's output layer, if one was found.
+        replaced: Whether ``head=``/``heads=`` replace the output layer.
+    """
+
+    model: nn.Module
+    targets: list[str]
+    explicit: bool
+    train: list[str]
+    trained_parameters: int
+    output_layer: str | None
+    replaced: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a method decides for one model: returned by :meth:`Method.plan`.
+
+    Attributes:
+        targets: Target path -> spec: JSON-serialisable facts :meth:`Method.build` needs for that
+            target beyond the config (e.g. LoRA's ``{"bias_only": True}``, FISH's counts). The
+            specs are saved in the adapter file and given back to ``build`` when it is loaded, so
+            wrapping and loading build through one path.
+        train: Modules the method itself trains whole (copied, saved whole), besides the user's.
+        values: Target path -> initial values of that adapter's tensors (``state_dict`` keys), for
+            values that come from planning rather than from ``build`` (FISH's selected positions).
+            Used when wrapping only; a loaded file supplies every value.
+    """
+
+    targets: dict[str, dict[str, Any]]
+    train: list[str] = dataclasses.field(default_factory=list)
+    values: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
 class Method:
     """Base class of a PEFT method. A plugin registers subclasses through ``register_methods``.
 
-    A subclass sets ``name`` and ``Config`` (a frozen dataclass whose ``__post_init__`` validates
-    it and raises :class:`~peftkit.errors.ConfigError`), and implements :meth:`build`. One
-    instance serves one adapter: ``self.config`` holds its validated config.
+    A subclass sets ``name`` and ``Config`` and implements :meth:`build`; that is all a method
+    needs (see ``docs/plugins.md``). One instance serves one adapter: ``self.config`` holds its
+    validated config, and no hook stores anything on the instance for another to read (what one
+    step decides is returned, in a :class:`Plan`).
+
+    Hooks, in the order they run when wrapping (loading a file calls :meth:`build` only, with the
+    specs the file saved):
+
+    1. :meth:`default_targets` (when the user gives no ``targets``) and :meth:`can_adapt` (to
+       filter the user's ``targets``);
+    2. :meth:`plan` (optional): the last word on the targets and each target's spec;
+    3. :meth:`build`, once per target.
 
     Class attributes:
         name: The method's registered name, e.g. ``"lora"``.
-        Config: The frozen config dataclass; every field JSON-serialisable.
+        Config: The frozen config dataclass (its ``__post_init__`` validates it and raises
+            :class:`~peftkit.errors.ConfigError`); every field JSON-serialisable except those
+            declared ``field(metadata={"runtime": True})`` (data, callables), which are not saved.
+        adapts: Module types :meth:`build` accepts (``can_adapt`` and ``default_targets`` use it).
         hash_base_values: Whether saved deltas depend on the exact base values (so the file's
             fingerprint includes a content hash of the targeted base tensors).
-        adapts_targets: False for a method that only trains whole modules (see
-            :meth:`trained_modules`) and so takes no ``targets``.
+        adapts_targets: False for a method that only trains whole modules (its :class:`Plan`'s
+            ``train``) and so takes no ``targets``.
         follows_ties: Whether the deltas belong to parameters rather than to the modules using
             them (FISH): a delta on a tensor that other modules share (tied weights) then applies
             in all of them, as training the parameter itself would. Otherwise (LoRA, as in PEFT) it
@@ -204,7 +260,8 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    Config: ClassVar[type] = type(None)
+    Config: ClassVar[type[Any]] = type(None)
+    adapts: ClassVar[tuple[type[nn.Module], ...]] = ()
     hash_base_values: ClassVar[bool] = False
     adapts_targets: ClassVar[bool] = True
     follows_ties: ClassVar[bool] = False
@@ -248,45 +305,36 @@ class Method:
         """Rebuild an instance from :meth:`config_json` output."""
         return cls.configure(**json.loads(text))
 
-    # -- targets -------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, trained: Sequence[str], trained_parameters: int) -> None:
-        """Called once before target selection when wrapping (not when loading a file): the place
-        for work that needs the model, such as estimating parameter importance.
-
-        Args:
-            model: The backbone.
-            trained: Paths of modules trained whole or replaced (``train``, ``head``, ``heads``).
-            trained_parameters: How many parameters those will train (a method with a parameter
-                budget counts them inside it).
-        """
+    # -- the hooks -----------------------------------------------------------------------------
+    def can_adapt(self, module: nn.Module) -> bool:
+        """Whether :meth:`build` accepts this module (filters the user's ``targets`` patterns).
+        Default: an instance of one of :attr:`adapts`, or any module when that is empty."""
+        return not self.adapts or isinstance(module, self.adapts)
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        """Module paths to adapt when the user gives no ``targets``."""
-        raise TargetError(f"method {self.name!r} has no default targets; pass targets=[...]")
+        """Module paths to adapt when the user gives no ``targets``. Default: every module of a type
+        in :attr:`adapts` (that :meth:`can_adapt` accepts), except the model's output layer(s)."""
+        if not self.adapts:
+            raise TargetError(f"method {self.name!r} has no default targets; pass targets=[...]")
+        heads = output_layers(model).all
+        return [p for p, m in model.named_modules() if p and p not in heads and self.can_adapt(m)]
 
-    def can_adapt(self, module: nn.Module) -> bool:
-        """Whether :meth:`build` accepts this module (used to filter pattern matches)."""
-        return True
+    def plan(self, context: PlanContext) -> Plan:
+        """The last word on what to build, given the selected targets (optional). Runs once when
+        wrapping, never when loading. Default: every selected target, with an empty spec.
 
-    def trained_modules(self, model: nn.Module, output_layer: str | None, replaced: bool) -> list[str]:
-        """Modules the method itself trains fully (copies, saved whole), besides the user's ``train``.
+        Override to add or drop targets (LoRA adds bias-only targets for ``bias="all"``), to work
+        out facts from the model (FISH estimates the Fisher information here), or to train whole
+        modules (``last_layer``). Everything :meth:`build` needs beyond the config goes into the
+        returned specs, which the adapter file keeps."""
+        return Plan({p: {} for p in context.targets})
 
-        Args:
-            model: The backbone.
-            output_layer: Path of its output layer (see :func:`peftkit.targets.find_output_layer`).
-            replaced: Whether ``head=``/``heads=`` replace that layer.
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> Adapter:
+        """Build the adapter for the target module at ``path``, on its device and dtype.
+
+        Called when wrapping (``spec`` from :meth:`plan`) and when loading (``spec`` from the file:
+        treat it as untrusted and raise ``ValueError`` or a :mod:`peftkit.errors` exception for bad
+        values). Its tensors are then filled from the plan's values or the file's. A method whose
+        ``build`` takes only ``(path, module)`` is called that way.
         """
-        return []
-
-    def expand_targets(self, model: nn.Module, paths: Sequence[str]) -> list[str]:
-        """Last word on the target list, after user selection (default: unchanged)."""
-        return list(paths)
-
-    def build(self, path: str, module: nn.Module) -> Adapter:
-        """Build the adapter for the target module at ``path``, on its device and dtype."""
         raise NotImplementedError
-
-    def rebuild(self, path: str, module: nn.Module, spec: dict[str, Any]) -> Adapter:
-        """Build the adapter for a file being loaded, given what its :meth:`Adapter.spec` saved
-        (default: :meth:`build`). Its tensors are then filled from the file."""
-        return self.build(path, module)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
 import math
@@ -12,205 +11,57 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import container
-from .attach import Entry, RuntimeState, Slot, release, replacement_tensors, slots_in, tensor_slot
-from .errors import AdapterFileError, ConfigError, MergeError, PluginError, TargetError, UnknownAdapterError
+from . import container, sharding
+from .attach import Entry, RuntimeState, Slot, acting_host, release, replacement_tensors, slots_in, tensor_slot
+from .build import AdapterSet, Prepared, build
+from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
-from .heads import MultiHead, fresh_layer
-from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta, add_delta
-from .plugins import MethodInfo, get_method
-from .targets import Selection, calls_forward, host_of, is_under, output_layers, select_modules, tied_aliases
-from .transaction import deferred_interrupts, finish
+from .files import read_adapter, read_swap
+from .method import Delta, Method, SparseDelta, add_delta
+from .plan import AdapterPlan, make_plan
+from .plugins import MethodInfo
+from .targets import Selection, is_under, tied_aliases
+from .transaction import Journal, deferred_interrupts, finish
 
-__all__ = ["AdaptedModel", "wrap"]
+__all__ = ["AdaptedModel", "HeldAdapter", "attach", "check_name", "ensure_unwrapped", "wrap"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
-class AdapterSet(nn.Module):
-    """The trainable modules of one named adapter: the method's per-target adapters, whole-module
-    copies (``train`` modules, and fresh output layers for ``head=N``), and optional multi-task heads."""
-
-    def __init__(self, paths: Sequence[str], adapters: Sequence[Adapter], train_paths: Sequence[str],
-                 copies: Sequence[nn.Module], fresh: dict[str, int] | None = None,
-                 heads: tuple[str, MultiHead] | None = None) -> None:
-        super().__init__()
-        self.paths = list(paths)
-        self.adapters = nn.ModuleList(adapters)
-        self.train_paths = list(train_paths)
-        self.copies = nn.ModuleList(copies)
-        self.fresh = dict(fresh or {})  # train path -> outputs, for new output layers (head=N)
-        self.heads_path = heads[0] if heads else None
-        self.heads = heads[1] if heads else None
-
-    def items(self) -> Iterator[tuple[str, Adapter]]:
-        """(target path, the method's adapter) pairs."""
-        return zip(self.paths, self.adapters, strict=True)  # type: ignore[return-value]
-
-    def train_items(self) -> Iterator[tuple[str, nn.Module]]:
-        """(module path, trained copy) pairs, fresh output layers included."""
-        return zip(self.train_paths, self.copies, strict=True)  # type: ignore[return-value]
-
-    def file_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything an adapter file stores for this adapter, keyed by backbone path."""
-        out: dict[str, torch.Tensor] = {}
-        heads = [(self.heads_path, self.heads)] if self.heads is not None else []
-        for path, module in [*self.items(), *self.train_items(), *heads]:
-            for key, t in module.state_dict().items():
-                full = f"{path}.{key}" if path else key
-                if full in out:
-                    raise PluginError(f"two adapter tensors share the file key {full!r}; rename one")
-                out[full] = t
-        return out
-
-
 @dataclass
-class Prepared:
-    """An adapter built and validated but not yet attached (so a refusal changes nothing)."""
+class HeldAdapter:
+    """One adapter an :class:`AdaptedModel` holds (see :meth:`AdaptedModel.get_adapter`).
 
-    method: Method
-    info: MethodInfo
-    modules: AdapterSet
-    cache: dict[str, Any] = field(default_factory=dict)  # facts already checked (from a file's header)
+    Attributes:
+        name: Its name in the model.
+        plan: What it was built from (method, targets with their specs, trained modules, heads).
+        modules: Its modules (``AdaptedModel.peft_adapters[name]``).
+        merge_undo: How to undo its merge (empty while it is not merged).
+        checked: Facts about the backbone already checked for it, reused by a hot swap.
+    """
 
-
-@dataclass
-class _Record:
     name: str
-    method: Method
-    info: MethodInfo
+    plan: AdapterPlan
     modules: AdapterSet
-    merged_originals: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)
-    merged_attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
-    backups: list[tuple[torch.Tensor, torch.Tensor | SparseDelta]] = field(default_factory=list)
-    cache: dict[str, Any] = field(default_factory=dict)  # what a hot swap compares against (io.hotswap)
+    merge_undo: Journal = field(default_factory=Journal)
+    checked: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def method(self) -> Method:
+        """The configured method."""
+        return self.plan.method
 
-def prepare(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
-            train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
-            example_input: Any = None, **options: Any) -> Prepared:
-    """Configure a method and build its adapters for ``model`` without touching ``model``.
-
-    Raises:
-        UnknownMethodError, ConfigError, TargetError: see :func:`wrap`.
-    """
-    info = get_method(method.name if isinstance(method, Method) else method)
-    if isinstance(method, Method):
-        if options:
-            raise ConfigError("pass options either in the Method instance or as keywords, not both")
-        m = method
-    else:
-        m = info.cls.configure(**options)
-    if head is not None and heads is not None:
-        raise ConfigError("pass either head=N (one new output layer) or heads={name: N, ...} (several), not both")
-    for n in ([head] if head is not None else []) + list((heads or {}).values() if isinstance(heads, dict) else []):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"head={n!r} is invalid; expected the number of outputs, e.g. head=2")
-    outputs = output_layers(model, example_input)
-    output = outputs.path
-    replaced = head is not None or heads is not None
-    if replaced:
-        output = outputs.require(model, "head=N" if head is not None else "heads={...}")
-    train_paths = select_modules(model, train, what="train") if train is not None else []
-    train_paths += m.trained_modules(model, output, replaced)
-    if head is not None:
-        train_paths.append(output)
-    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
-    train_paths = sorted((p for p in dict.fromkeys(train_paths) if not is_under(p, [q for q in train_paths if q != p])),
-                         key=order.__getitem__)
-    avoid = train_paths + ([output] if replaced and output else [])
-    trained = sum(p.numel() for t in train_paths if t not in ([output] if head is not None else [])
-                  for p in model.get_submodule(t).parameters())
-    for n in ([head] if head is not None else []) + list((heads or {}).values()):
-        layer = model.get_submodule(output)  # a fresh layer of n outputs: n rows of weight, n biases
-        trained += layer.weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
-    m.setup(model, avoid, trained)
-    if not m.adapts_targets:
-        if targets is not None:
-            raise ConfigError(f"method {m.name!r} trains whole modules and takes no targets; use train=[...]")
-        paths: list[str] = []
-    elif targets is None:
-        excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
-        paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]
-        if not paths:
-            doc = " ".join((type(m).default_targets.__doc__ or "").split()).split(". ")[0].rstrip(".")
-            defaults = f" (its defaults: {doc[0].lower() + doc[1:]})" if doc else ""
-            raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}{defaults}; "
-                              "pass targets=[...]")
-    else:
-        paths = select_modules(model, targets, exclude, can_adapt=m.can_adapt, method=repr(m.name))
-    chosen = set(paths)
-    # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
-    paths = [p for p in m.expand_targets(model, paths) if p in chosen or not is_under(p, avoid)]
-    fresh = {output: head} if head is not None and output is not None else {}
-    return build(model, m, info, paths, train_paths, fresh=fresh, heads=(output, heads) if heads is not None else None)
-
-
-def build(model: nn.Module, m: Method, info: MethodInfo, paths: list[str], train_paths: list[str],
-          specs: dict[str, dict[str, Any]] | None = None, fresh: dict[str, int] | None = None,
-          heads: tuple[str, dict[str, int]] | None = None, *, on_meta: bool = False) -> Prepared:
-    """Build the adapters of ``m`` for exactly these target and ``train`` paths (from a file's
-    per-target ``specs`` when loading), fresh output layers and multi-task heads.
-
-    With ``on_meta``, everything is built from meta-device twins of the modules (no memory): a dry
-    run giving the shapes and dtypes a file must hold, checked before the real build, so that sizes a
-    file declares never allocate anything they do not pay for in the file itself.
-    """
-    fresh = fresh or {}
-    for p in paths:
-        if is_under(p, train_paths) or any(is_under(t, [p]) for t in train_paths) or (heads and is_under(p, [heads[0]])):
-            raise TargetError(f"module {p!r} is both a target and (inside) a trained or replaced module; "
-                              "a trained module is saved whole, so drop it from one of the lists")
-
-    def module_at(path: str) -> nn.Module:
-        return meta_twin(model.get_submodule(path)) if on_meta else model.get_submodule(path)
-
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        adapters: list[Adapter] = []
-        for p in paths:
-            module = module_at(p)
-            adapter = m.build(p, module) if specs is None else m.rebuild(p, module, specs.get(p, {}))
-            if not isinstance(adapter, Adapter):
-                raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
-            host, prefix = host_of(model, p)
-            if prefix and not adapter.has_delta:
-                parent = model.get_submodule(p.rsplit(".", 1)[0]) if "." in p else model
-                if not calls_forward(parent, p.rsplit(".", 1)[-1]):
-                    raise TargetError(
-                        f"{p!r} never runs its own forward: {type(model.get_submodule(host)).__name__} at {host!r} "
-                        f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
-                        f"would be dead. Target {host!r} instead."
-                    )
-            adapters.append(adapter)
-        copies = []
-        for p in train_paths:
-            c = fresh_layer(module_at(p), fresh[p]) if p in fresh else copy.deepcopy(module_at(p))
-            for prm in c.parameters():
-                prm.requires_grad_(True)
-            copies.append(c)
-        multi = (heads[0], MultiHead(module_at(heads[0]), heads[1])) if heads else None
-    return Prepared(m, info, AdapterSet(paths, adapters, train_paths, copies, fresh, multi))
-
-
-def meta_twin(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` whose tensors, and its children's, are on the meta device: an
-    adapter built for it allocates nothing (see :func:`build`)."""
-    twin = copy.copy(module)
-    twin.__dict__["_parameters"] = {
-        k: None if t is None else nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
-                                               requires_grad=t.requires_grad)
-        for k, t in module._parameters.items()}
-    twin.__dict__["_buffers"] = {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
-                                 for k, t in module._buffers.items()}
-    twin.__dict__["_modules"] = {k: None if c is None else meta_twin(c) for k, c in module._modules.items()}
-    return twin
+    @property
+    def info(self) -> MethodInfo:
+        """The method's registration (plugin, distribution, version)."""
+        return self.plan.info
 
 
 class AdaptedModel(nn.Module):
@@ -227,7 +78,7 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_adapters = nn.ModuleDict()
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, HeldAdapter] = {}
         self._state = RuntimeState()
         self._slots: dict[str, Slot] = {}
         self._unchecked: dict[str, list[str]] = {}  # "adapter/path" -> hosts, checked on the next training call
@@ -311,14 +162,14 @@ class AdaptedModel(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
         # .to(), .half(), .cuda(), ...: the folded weights were computed from the old tensors
         out = super()._apply(fn, recurse)
-        self._drop_folded()
+        self.clear_cache()
         return out
 
     def train(self, mode: bool = True) -> AdaptedModel:
         """Set training mode; frozen normalisation layers stay in eval mode (stored statistics)."""
         super().train(mode)
         if mode:  # training recomputes substitutions with autograd: free the inference cache
-            self._drop_folded()
+            self.clear_cache()
         self._hold_frozen_norms()
         return self
 
@@ -334,7 +185,7 @@ class AdaptedModel(nn.Module):
                    for p in self._records[n].modules.train_paths]
         self._frozen_norms = [m for path, m in self.base_model.named_modules()
                               if isinstance(m, nn.modules.batchnorm._NormBase) and not is_under(path, trained)]
-        self._drop_folded()
+        self.clear_cache()
         for slot in self._slots.values():
             slot.cache = self.cache_weights
         # DistributedDataParallel broadcasts every buffer when it starts; an adapter's integer
@@ -385,8 +236,9 @@ class AdaptedModel(nn.Module):
         self._check_attached()
         self._check_unsharded("add an adapter")
         self._check_new_name(name)
-        self.install(name, prepare(self.base_model, method, targets=targets, exclude=exclude, train=train,
-                                   head=head, heads=heads, example_input=example_input, **options))
+        plan = make_plan(self.base_model, method, targets=targets, exclude=exclude, train=train, head=head,
+                         heads=heads, example_input=example_input, **options)
+        self.install(name, build(self.base_model, plan))
 
     def _check_new_name(self, name: str) -> None:
         check_name(name)
@@ -399,8 +251,6 @@ class AdaptedModel(nn.Module):
         Returns:
             The adapter's name: ``name``, or the name stored in the file.
         """
-        from .io import read_adapter
-
         self._check_attached()
         self._check_unsharded("load an adapter")
         if name is not None:
@@ -411,16 +261,52 @@ class AdaptedModel(nn.Module):
         return name
 
     def hotswap(self, path: str | os.PathLike[str], adapter: str | None = None) -> str:
-        """Overwrite an existing adapter's tensors with a compatible file's, in place (see
-        :func:`peftkit.io.hotswap`): fast, keeps optimizers and compiled graphs valid, and works on
-        FSDP2-sharded models (each rank keeps its shard).
+        """Replace an existing adapter's tensors by a compatible file's, in place (a hot swap).
+
+        Nothing is rebuilt or re-attached: the same modules and parameters (so an optimizer, a
+        ``torch.compile`` graph or FSDP2 groups built on them stay valid) take the file's values. The
+        file must hold the same method with the same options on the same targets: for example another
+        task's adapter trained with the same recipe. On an FSDP2-sharded model every rank reads the file
+        and keeps its own shard (no communication); under DDP, swap on every rank. A forward running
+        meanwhile sees the old adapter or the new one, never a mix; a refused or interrupted swap
+        leaves every value as it was.
+
+        Args:
+            path: The ``.safetensors`` adapter file.
+            adapter: The adapter to overwrite; default: the only adapter, or the only active one.
 
         Returns:
             The name of the adapter swapped.
-        """
-        from .io import hotswap
 
-        return hotswap(self, path, adapter)
+        Raises:
+            AdapterFileError: the file does not fit this adapter (another method, other options, other
+                targets or tensor shapes); use :meth:`load_adapter` for those.
+            BackboneMismatchError: the file was made for other base weights.
+            ConfigError: the adapter is merged.
+        """
+        with self._lock:
+            held = self.get_adapter(adapter)
+            if held.name in self._state.merged:
+                raise ConfigError(f"adapter {held.name!r} is merged; unmerge() before hot swapping its weights")
+            values, validate = read_swap(self.base_model, held.name, held.method, held.modules, held.checked, path)
+            self._assign(held, values, validate)
+            return held.name
+
+    def _assign(self, held: HeldAdapter, values: dict[str, torch.Tensor], validate: Any = None) -> None:
+        """Give adapter ``held`` these values (whole tensors; each rank keeps its shard), all or none."""
+        expected = held.modules.file_tensors()
+        with torch.no_grad(), deferred_interrupts():
+            before = {k: sharding.full_tensor(t.detach()).clone() for k, t in expected.items()}
+            try:
+                for k, dst in expected.items():
+                    sharding.assign(dst, values[k])
+                if validate is not None:
+                    validate()
+            except BaseException:  # refused, or interrupted: the adapter keeps its values, all of them
+                finish([functools.partial(sharding.assign, dst, before[k]) for k, dst in expected.items()])
+                raise
+            finally:
+                self.clear_cache()
 
     def reset_adapter(self, name: str | None = None) -> str:
         """Initialise an adapter's tensors again, as :func:`wrap` did: the method's initialisation,
@@ -434,39 +320,35 @@ class AdaptedModel(nn.Module):
         Returns:
             The adapter's name.
 
-        Raises:
-            ConfigError: the adapter is merged, or was loaded from a file (its method then lacks
-                what it was built from, such as FISH's mask; load the file again instead).
-        """
-        from . import distributed
-        from .io import _pick_adapter
+        An adapter loaded from a file is rebuilt from the plan the file stored; its buffers (fixed
+        facts such as FISH's positions) keep the file's values.
 
-        name = _pick_adapter(self, name)
-        rec = self._record(name)
-        if name in self._state.merged:
-            raise ConfigError(f"adapter {name!r} is merged; unmerge() before resetting it")
-        base, mods = self.base_model, rec.modules
-        try:
-            built = build(base, rec.method, rec.info, mods.paths, mods.train_paths, fresh=mods.fresh,
-                          heads=(mods.heads_path, mods.heads.spec()["heads"]) if mods.heads is not None else None)
-        except (TargetError, AttributeError, KeyError) as exc:
-            raise ConfigError(f"adapter {name!r} cannot be initialised again ({exc}); if it came from a file, "
-                              "load the file again (hotswap or load_adapter)") from exc
-        new = built.modules.file_tensors()
-        with self._lock, torch.no_grad(), deferred_interrupts():
-            finish([functools.partial(distributed.assign, dst, distributed.full_tensor(new[k]))
-                    for k, dst in mods.file_tensors().items()])
-            self._drop_folded()
-        return name
+        Raises:
+            ConfigError: the adapter is merged, or cannot be built again.
+        """
+        with self._lock:
+            held = self.get_adapter(name)
+            if held.name in self._state.merged:
+                raise ConfigError(f"adapter {held.name!r} is merged; unmerge() before resetting it")
+            try:
+                fresh = build(self.base_model, held.plan).modules
+            except (TargetError, AttributeError, KeyError, ValueError) as exc:
+                raise ConfigError(f"adapter {held.name!r} cannot be initialised again ({exc}); load its file again "
+                                  "(hotswap or load_adapter)") from exc
+            values = fresh.file_tensors()
+            # an adapter's buffers are fixed facts, not trained values (FISH's positions): those the
+            # plan does not hold (an adapter loaded from a file) stay as they are
+            kept = {f"{path}.{k}" if path else k for path, a in held.modules.items() for k, _ in a.named_buffers()
+                    if k not in held.plan.values.get(path, {})}
+            current = held.modules.file_tensors()
+            self._assign(held, {k: sharding.full_tensor(current[k] if k in kept else v) for k, v in values.items()})
+            return held.name
 
     def clear_cache(self) -> None:
         """Forget the folded weights (``W + delta``) inference reuses. They follow every change PyTorch
         tracks (in-place edits, ``param.data = ...``, casts, moves, ``load_state_dict``); writes through
         ``param.data`` (``w.data.copy_(...)``) bypass PyTorch's version counter, so call this after them."""
-        self._drop_folded()
 
-    def _drop_folded(self) -> None:
-        """Forget the cached folded weights (``W + delta``), e.g. after adapter values were overwritten."""
         for slot in self._slots.values():
             slot.clear_cache()
 
@@ -486,7 +368,7 @@ class AdaptedModel(nn.Module):
         mods = prepared.modules
         entries: list[tuple[str, str, Entry]] = []  # (host, what it adapts, entry)
         for path, adapter in mods.items():
-            host, prefix = _host(base, path, adapter)
+            host, prefix = acting_host(base, path, adapter)
             target = base.get_submodule(path)
             entries.append((host, path, Entry(name, target, prefix, adapter=adapter)))
             if prepared.method.follows_ties and not prefix:  # a parameter's delta applies wherever it is read
@@ -508,7 +390,7 @@ class AdaptedModel(nn.Module):
             self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
         self.peft_adapters[name] = mods
-        self._records[name] = _Record(name, prepared.method, prepared.info, mods, cache=dict(prepared.cache))
+        self._records[name] = HeldAdapter(name, prepared.plan, mods, checked=dict(prepared.cache))
         for p in mods.parameters():
             p.requires_grad_(False)
         self._refresh()
@@ -520,7 +402,7 @@ class AdaptedModel(nn.Module):
             self._check_attached()
             wanted = [names] if isinstance(names, str) else list(names)
             for n in wanted:
-                self._record(n)
+                self.get_adapter(n)
             if self._state.merged - set(wanted):
                 raise MergeError(f"adapters {sorted(self._state.merged)} are merged; unmerge() before changing the active set")
             self._state.active = wanted
@@ -534,7 +416,7 @@ class AdaptedModel(nn.Module):
         with self._lock, deferred_interrupts():
             self._check_attached()
             self._check_unsharded("delete an adapter")
-            self._record(name)
+            self.get_adapter(name)
             if name in self._state.merged:
                 self._unmerge([name])
             self._detach_adapter(name)
@@ -572,10 +454,30 @@ class AdaptedModel(nn.Module):
             finally:
                 self._state.disabled = before
 
-    def _record(self, name: str) -> _Record:
+    def get_adapter(self, name: str | None = None) -> HeldAdapter:
+        """The adapter called ``name``: its plan, modules and method.
+
+        Args:
+            name: The adapter; default: the only adapter, or the only active one.
+
+        Raises:
+            UnknownAdapterError: no adapter of that name.
+            ConfigError: no name given, and the model holds several adapters, several active.
+        """
+        if name is None:
+            names = self.adapter_names if len(self._records) == 1 else self.active_adapters
+            if len(names) != 1:
+                raise ConfigError(f"this model holds adapters {self.adapter_names}; say which one with adapter=NAME")
+            name = names[0]
         if name not in self._records:
             raise UnknownAdapterError(f"no adapter named {name!r}; this model holds: {', '.join(self._records) or '(none)'}")
         return self._records[name]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (FSDP2, :func:`peftkit.distributed.shard`): its adapter set
+        is then fixed, and only :meth:`hotswap` changes adapter values."""
+        return sharding.is_sharded(self)
 
     # -- merging -------------------------------------------------------------------------------
     def _deltas(self, name: str) -> Iterator[tuple[str, torch.Tensor, Delta]]:
@@ -629,25 +531,8 @@ class AdaptedModel(nn.Module):
         names = [n for n in self._state.active if n not in self._state.merged]
         if not names or self._state.disabled:
             return
-        readers = _readers(self.base_model)
         with torch.no_grad():
-            for n in names:  # check everything before changing anything
-                applied = self._applied_at(n)
-                for what, base, d in self._deltas(n):
-                    others = [r for slot, r in readers.get(id(base), {}).items() if slot not in applied.get(what, set())]
-                    if others:
-                        raise MergeError(
-                            f"adapter {n!r} cannot be merged: its delta on {what} would also change "
-                            f"{', '.join(others[:3])}, which share{'s' if len(others) == 1 else ''} that tensor (tied "
-                            "weights), while unmerged only the adapted module sees it. Nothing was merged. Keep the "
-                            "adapter unmerged (inference folds it into a copy of the weight, as fast as merged), or "
-                            "untie the weights before wrapping.")
-                    if not _finite_after(base, d):
-                        raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
-                for path, c in self._records[n].modules.train_items():
-                    for tn, t in replacement_tensors(c):
-                        if not container.finite(t):
-                            raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
+            self._check_mergeable(names)
             started: list[str] = []
             with deferred_interrupts():
                 try:
@@ -660,39 +545,56 @@ class AdaptedModel(nn.Module):
                     raise
         self._refresh()
 
-    def _merge_one(self, rec: _Record) -> None:
-        """Fold one adapter in, recording how to undo each change before making it."""
-        # compute every delta before changing any tensor: a delta may read base weights
-        for _, base, d in list(self._deltas(rec.name)):
+    def _check_mergeable(self, names: list[str]) -> None:
+        """Refuse, before anything changes, a merge that would change a tensor other modules share
+        (tied weights) or put NaN/inf into the backbone."""
+        readers = _readers(self.base_model)
+        for n in names:
+            applied = self._applied_at(n)
+            for what, base, d in self._deltas(n):
+                others = [r for slot, r in readers.get(id(base), {}).items() if slot not in applied.get(what, set())]
+                if others:
+                    raise MergeError(
+                        f"adapter {n!r} cannot be merged: its delta on {what} would also change "
+                        f"{', '.join(others[:3])}, which share{'s' if len(others) == 1 else ''} that tensor (tied "
+                        "weights), while unmerged only the adapted module sees it. Nothing was merged. Keep the "
+                        "adapter unmerged (inference folds it into a copy of the weight, as fast as merged), or "
+                        "untie the weights before wrapping.")
+                if not _finite_after(base, d):
+                    raise MergeError(f"merging adapter {n!r} would put NaN/inf into {what}; nothing was merged")
+            for path, c in self._records[n].modules.train_items():
+                for tn, t in replacement_tensors(c):
+                    if not container.finite(t):
+                        raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
+
+    def _merge_one(self, held: HeldAdapter) -> None:
+        """Fold one adapter in; every change goes through its journal, which records the undo first."""
+        journal = held.merge_undo
+        for _, base, d in list(self._deltas(held.name)):  # every delta before any change: a delta may read base weights
             if isinstance(d, SparseDelta):  # back up (and change) only the touched entries
-                flat = base.view(-1)
-                rec.backups.append((base, SparseDelta(d.index, flat[d.index].clone())))
-                flat.index_add_(0, d.index, d.values.detach().to(base.dtype))
-                continue
-            rec.backups.append((base, base.detach().clone()))
-            if isinstance(d, LowRankDelta):
-                base.copy_(add_delta(base, d))
+                journal.keep(base, d.index)
+                base.view(-1).index_add_(0, d.index, d.values.detach().to(base.dtype))
             else:
-                base.add_(d.detach().to(base.dtype))
-        for path, c in rec.modules.train_items():
+                journal.keep(base)
+                base.copy_(add_delta(base, d.detach() if isinstance(d, torch.Tensor) else d))
+        mods = held.modules
+        for path, c in mods.train_items():
             module = self.base_model.get_submodule(path)
-            aliases = [] if path in rec.modules.fresh else tied_aliases(self.base_model, path)
+            # found before the tensors are put in: a tensor tied to another module's (lm_head ~ embedding) stays tied
+            aliases = [] if path in mods.fresh else tied_aliases(self.base_model, path)
             new_tensors = {}
             for tn, t in replacement_tensors(c):
                 store, key = tensor_slot(module, tn)
-                rec.merged_originals.append((store, key, store[key]))
                 new = t.detach().clone()
-                new_tensors[tn] = store[key] = (nn.Parameter(new, requires_grad=False)
-                                                if isinstance(store[key], nn.Parameter) else new)
-            if path in rec.modules.fresh:  # a new output layer: keep the module's own sizes right
+                new_tensors[tn] = nn.Parameter(new, requires_grad=False) if isinstance(store[key], nn.Parameter) else new
+                journal.put(store, key, new_tensors[tn])
+            if path in mods.fresh:  # a new output layer: keep the module's own sizes right
                 for attr in ("out_features", "out_channels"):
                     if hasattr(module, attr):
-                        rec.merged_attrs.append((module, attr, getattr(module, attr)))
-                        setattr(module, attr, rec.modules.fresh[path])
+                        journal.set_attribute(module, attr, mods.fresh[path])
             for other, tname, cname in aliases:  # tied tensors get the same merged tensor
                 store, key = tensor_slot(self.base_model.get_submodule(other), tname)
-                rec.merged_originals.append((store, key, store[key]))
-                store[key] = new_tensors[cname]
+                journal.put(store, key, new_tensors[cname])
 
     def unmerge(self) -> None:
         """Restore the backbone's tensors as they were before :meth:`merge` (idempotent, exact; an
@@ -707,28 +609,25 @@ class AdaptedModel(nn.Module):
         self._refresh()
 
     def _restore(self, names: list[str]) -> None:
-        """Put back every tensor and attribute the merge of ``names`` changed, to the end whatever is
-        raised meanwhile, and mark them unmerged."""
-        steps: list[Callable[[], object]] = []
-        for n in reversed(names):
-            rec = self._records[n]
-            for base, original in reversed(rec.backups):
-                if isinstance(original, SparseDelta):
-                    steps.append(functools.partial(_put_entries, base, original))
-                else:
-                    steps.append(functools.partial(_put_all, base, original))
-            for store, key, original in reversed(rec.merged_originals):
-                steps.append(functools.partial(store.__setitem__, key, original))
-            for module, attr, value in reversed(rec.merged_attrs):
-                steps.append(functools.partial(setattr, module, attr, value))
-            steps.append(functools.partial(_forget_merge, rec, self._state.merged, n))
-        with torch.no_grad():
-            finish(steps)
+        """Undo the merge of ``names`` (newest first), to the end whatever is raised meanwhile, and
+        mark them unmerged."""
+        finish([functools.partial(self._undo_merge, n) for n in reversed(names)])
+
+    def _undo_merge(self, name: str) -> None:
+        try:
+            self._records[name].merge_undo.undo()
+        finally:
+            self._state.merged.discard(name)
 
     @property
     def merged(self) -> bool:
         """Whether any adapter is currently merged into the backbone."""
         return bool(self._state.merged)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Names of the adapters currently merged into the backbone."""
+        return sorted(self._state.merged)
 
     def unwrap(self, merge: bool = False) -> nn.Module:
         """Detach every adapter and return the plain backbone.
@@ -751,8 +650,8 @@ class AdaptedModel(nn.Module):
                 raise MergeError(f"adapter {multi[0]!r} has multi-task heads, which return a dict and cannot be folded "
                                  "into the backbone; keep the AdaptedModel, or use unwrap(merge=False)")
             self._merge()
-            for rec in self._records.values():  # nothing to unmerge once unwrapped: free the copies
-                rec.backups.clear()
+            for held in self._records.values():  # nothing to unmerge once unwrapped: free the copies
+                held.merge_undo.forget()
         else:
             self.unmerge()
         self._finalizer.detach()
@@ -762,7 +661,7 @@ class AdaptedModel(nn.Module):
         return base
 
     def _check_unsharded(self, what: str) -> None:
-        if self.__dict__.get("_sharded"):
+        if self.sharded:
             raise ConfigError(f"cannot {what} on a model sharded with peftkit.distributed.shard(): add, load and delete "
                               "adapters before sharding; to swap an adapter's weights on a sharded model use hotswap()")
 
@@ -878,21 +777,6 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
         m.training = training.get(n, m.training)
 
 
-def _put_all(base: torch.Tensor, original: torch.Tensor) -> None:
-    base.copy_(original)
-
-
-def _put_entries(base: torch.Tensor, original: SparseDelta) -> None:
-    base.view(-1).index_copy_(0, original.index, original.values)
-
-
-def _forget_merge(rec: _Record, merged: set[str], name: str) -> None:
-    rec.backups.clear()
-    rec.merged_originals.clear()
-    rec.merged_attrs.clear()
-    merged.discard(name)
-
-
 def _join(path: str, name: str) -> str:
     """A tensor's full name: ``path.name``, or ``name`` on the root module."""
     return f"{path}.{name}" if path else name
@@ -923,13 +807,6 @@ def _finite_after(base: torch.Tensor, d: Delta) -> bool:
     if isinstance(d, SparseDelta):
         return bool(torch.isfinite(base.reshape(-1)[d.index] + d.values.to(base.dtype)).all())
     return bool(torch.isfinite(add_delta(base, d)).all())
-
-
-def _host(model: nn.Module, path: str, adapter: Adapter) -> tuple[str, str]:
-    """Where an adapter acts: the ancestor reading the target's tensors directly (weight space),
-    except for a transform-only adapter whose target still runs its own forward."""
-    host, prefix = host_of(model, path)
-    return (path, "") if prefix and not adapter.has_delta else (host, prefix)
 
 
 def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selection = None,
@@ -967,6 +844,6 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
     """
     ensure_unwrapped(model)  # before any work (FISH's Fisher estimate, say)
     check_name(name)
-    prepared = prepare(model, method, targets=targets, exclude=exclude, train=train, head=head, heads=heads,
-                       example_input=example_input, **options)
-    return attach(model, name, prepared)
+    plan = make_plan(model, method, targets=targets, exclude=exclude, train=train, head=head, heads=heads,
+                     example_input=example_input, **options)
+    return attach(model, name, build(model, plan))

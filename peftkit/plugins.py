@@ -10,16 +10,17 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UnknownMethodError
+from .method import Method
 
-if TYPE_CHECKING:
-    from .method import Method
+T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "peftkit"
 BUILTIN_DISTRIBUTION = "peftkit"
@@ -107,40 +108,88 @@ def failed_plugins() -> dict[str, str]:
     return dict(_failed)
 
 
-def _collect(hook: str, base: type, kind: str) -> dict[str, tuple[type, str, str, str]]:
-    """Call every plugin's ``hook``; returns name -> (class, plugin, distribution, version)."""
+@dataclass(frozen=True)
+class Registration:
+    """One class registered through a ``register_*`` hook, with where it came from."""
+
+    cls: type[Any]
+    plugin: str
+    distribution: str
+    version: str
+
+
+# hook -> (the registered plugins when collected, what they registered): hooks are called again
+# only when a plugin is registered or unregistered, not on every lookup
+_collected: dict[str, tuple[tuple[tuple[str, object], ...], dict[str, Registration]]] = {}
+
+
+def _registered() -> tuple[tuple[str, object], ...]:
+    """The plugins that count now, as (name, plugin object) pairs (the objects, so that a plugin
+    registered again under an old name is not mistaken for the old one)."""
+    return tuple(sorted(((n, p) for n, p in pm.list_name_plugin() if n is not None and n not in _failed),
+                        key=lambda pair: pair[0]))
+
+
+def collect(hook: str, base: type[T], kind: str) -> dict[str, Registration]:
+    """Call every plugin's ``hook`` (``register_methods``, ``register_formats``) through the plugin
+    manager, one plugin at a time, and gather what each registers: name -> :class:`Registration`.
+
+    A plugin whose hook raises is reported and skipped (what it registered is dropped); the others
+    keep working.
+
+    Args:
+        hook: The hook's name.
+        base: The class each registered class must subclass.
+        kind: What is registered, for messages (``"method"``).
+
+    Raises:
+        PluginError: two plugins register the same name, or a plugin registers something that is
+            not a ``base`` subclass or has no ``name``.
+    """
     load_plugins()
-    found: dict[str, tuple[type, str, str, str]] = {}
+    cached = _collected.get(hook)
+    if cached is not None and cached[0] == _registered():
+        return dict(cached[1])
+    found: dict[str, Registration] = {}
     for impl in getattr(pm.hook, hook).get_hookimpls():
         plugin = impl.plugin_name
         if plugin in _failed:
             continue
         dist, version = _origin.get(plugin, (plugin, getattr(impl.plugin, "__version__", "unknown")))
-
-        def register(cls: type, _plugin: str = plugin, _dist: str = dist, _ver: str = version) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise PluginError(f"plugin {_plugin!r} registered {cls!r}, which is not a peftkit.{base.__name__} "
-                                  "subclass; register(...) takes the class itself")
-            name = getattr(cls, "name", "")
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {_plugin!r} registered {cls.__name__} without a `name`")
-            other = found.get(name)
-            if other is not None and other[0] is not cls:
-                raise PluginError(
-                    f"two plugins register the {kind} {name!r}: {other[1]!r} ({other[2]}) and {_plugin!r} "
-                    f"({_dist}). Uninstall one, or restrict plugins with PEFTKIT_LOAD_PLUGINS.")
-            found[name] = (cls, _plugin, _dist, _ver)
-
         before = dict(found)
-        try:
-            impl.function(**{arg: register for arg in impl.argnames})
+        register = _registrar(found, base, kind, Registration(type(None), plugin, dist, version))
+        others = [p for p in pm.get_plugins() if p is not impl.plugin]
+        try:  # through the manager, so a plugin may accept fewer arguments than the spec has
+            pm.subset_hook_caller(hook, remove_plugins=others)(register=register)
         except PluginError:
             raise  # a clash or an invalid registration: the plugins' configuration is wrong
         except (Exception, SystemExit) as exc:  # the plugin's own bug: drop what it registered, keep the rest
             found.clear()
             found.update(before)
             _fail(plugin, f"its {hook} hook raised {type(exc).__name__}: {exc}")
-    return dict(sorted(found.items()))
+    found = dict(sorted(found.items()))
+    _collected[hook] = (_registered(), found)
+    return dict(found)
+
+
+def _registrar(found: dict[str, Registration], base: type, kind: str, origin: Registration) -> Callable[[type], None]:
+    """The ``register`` callback handed to one plugin's hook."""
+
+    def register(cls: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"plugin {origin.plugin!r} registered {cls!r}, which is not a peftkit.{base.__name__} "
+                              "subclass; register(...) takes the class itself")
+        name = getattr(cls, "name", "")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {origin.plugin!r} registered {cls.__name__} without a `name`")
+        other = found.get(name)
+        if other is not None and other.cls is not cls:
+            raise PluginError(
+                f"two plugins register the {kind} {name!r}: {other.plugin!r} ({other.distribution}) and "
+                f"{origin.plugin!r} ({origin.distribution}). Uninstall one, or restrict plugins with PEFTKIT_LOAD_PLUGINS.")
+        found[name] = Registration(cls, origin.plugin, origin.distribution, origin.version)
+
+    return register
 
 
 def method_infos() -> dict[str, MethodInfo]:
@@ -150,20 +199,11 @@ def method_infos() -> dict[str, MethodInfo]:
         PluginError: two plugins register a method of the same name, or a plugin registers
             something that is not a ``peftkit.Method`` subclass.
     """
-    from .method import Method
-
     infos = {}
-    for name, (cls, plugin, dist, version) in _collect("register_methods", Method, "method").items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        infos[name] = MethodInfo(name, plugin, dist, version, doc[0] if doc else "", cls)
+    for name, r in collect("register_methods", Method, "method").items():
+        doc = (r.cls.__doc__ or "").strip().splitlines()
+        infos[name] = MethodInfo(name, r.plugin, r.distribution, r.version, doc[0] if doc else "", r.cls)
     return infos
-
-
-def format_classes() -> dict[str, type]:
-    """Every registered adapter file format class, by name (``register_formats`` hook)."""
-    from .formats import Format
-
-    return {name: entry[0] for name, entry in _collect("register_formats", Format, "format").items()}
 
 
 def get_method(name: str) -> MethodInfo:

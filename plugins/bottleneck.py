@@ -377,7 +377,7 @@ class _Bottleneck(peftkit.Method):
             return False
         return True
 
-    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         return BottleneckAdapter(module, self.parallel, self.config)
 
 

@@ -15,7 +15,7 @@ Estimate each parameter's Fisher information from squared per-sample gradients, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,20 +83,20 @@ class FishConfig:
 class FishDelta(peftkit.Adapter):
     """Sparse deltas on a module's own parameters: for each, positions (as gap codes) and values."""
 
-    def __init__(self, module: nn.Module, positions: dict[str, torch.Tensor | None], lengths: dict[str, int] | None = None,
-                 counts: dict[str, int] | None = None) -> None:
+    def __init__(self, module: nn.Module, counts: dict[str, int], lengths: dict[str, int]) -> None:
+        """Room for ``counts[name]`` selected entries of each parameter ``name`` of ``module``, whose
+        positions take ``lengths[name]`` gap codes; positions and values are filled in afterwards
+        (from the plan when wrapping, from the file when loading)."""
         super().__init__()
-        self.names = list(positions)
+        if set(counts) != set(lengths):
+            raise ValueError("counts and lengths name different parameters")
+        self.names = list(counts)
         self._decoded: dict[str, tuple[TensorStamp, torch.Tensor]] = {}
-        for name, idx in positions.items():
+        for name in self.names:
             base = module.get_parameter(name)
-            if idx is None:  # rebuilt for loading: shapes from the file's spec, values filled next
-                codes = torch.zeros(lengths[name], dtype=torch.int16)  # type: ignore[index]
-                k = counts[name]  # type: ignore[index]
-            else:
-                codes, k = encode_gaps(idx.cpu()), idx.numel()
-            self.register_buffer(f"{name}_index", codes.to(base.device))
-            self.register_parameter(f"{name}_delta", nn.Parameter(torch.zeros(k, device=base.device, dtype=base.dtype)))
+            self.register_buffer(f"{name}_index", torch.zeros(lengths[name], dtype=torch.int16, device=base.device))
+            self.register_parameter(f"{name}_delta", nn.Parameter(torch.zeros(counts[name], device=base.device,
+                                                                              dtype=base.dtype)))
 
     def positions(self, name: str) -> torch.Tensor:
         """Flat positions of the selected entries of parameter ``name`` (decoded again whenever the
@@ -109,10 +109,6 @@ class FishDelta(peftkit.Adapter):
             cached = (TensorStamp(codes), decode_gaps(codes).to(codes.device))
             self._decoded[name] = cached
         return cached[1]
-
-    def spec(self) -> dict[str, Any]:
-        return {"counts": {n: getattr(self, f"{n}_delta").numel() for n in self.names},
-                "lengths": {n: getattr(self, f"{n}_index").numel() for n in self.names}}
 
     def validate(self, module: nn.Module) -> None:
         for n in self.names:
@@ -137,48 +133,66 @@ class Fish(peftkit.Method):
     hash_base_values = True  # deltas are for these exact base values
     follows_ties = True  # it trains entries of parameters: a tied parameter changes wherever it is used
 
-    def setup(self, model: nn.Module, trained: Sequence[str], trained_parameters: int) -> None:
-        c = self.config
+    def plan(self, context: peftkit.PlanContext) -> peftkit.Plan:
+        """The parameters' entries to train: the given ``mask``, or the top ``keep`` fraction by
+        Fisher information estimated from ``data``. Targets: the modules owning selected entries (of
+        the user's ``targets``, when given); each target's spec holds its counts, its values the
+        selected positions."""
+        mask = self._mask(context)
+        owned: dict[str, dict[str, torch.Tensor]] = {}
+        for n, idx in mask.items():
+            if idx.numel():
+                owner, _, leaf = n.rpartition(".")
+                owned.setdefault(owner, {})[leaf] = idx
+        if context.explicit:
+            empty = [p for p in context.targets if p not in owned]
+            if empty:
+                raise TargetError(f"the FISH mask selects no parameter of {empty[0]!r}; leave targets unset to use the mask")
+        paths = [p for p in context.targets if p in owned]
+        specs: dict[str, dict[str, Any]] = {}
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        for p in paths:
+            codes = {leaf: encode_gaps(idx.cpu()) for leaf, idx in owned[p].items()}
+            specs[p] = {"counts": {leaf: idx.numel() for leaf, idx in owned[p].items()},
+                        "lengths": {leaf: code.numel() for leaf, code in codes.items()}}
+            values[p] = {f"{leaf}_index": code for leaf, code in codes.items()}
+        return peftkit.Plan(specs, values=values)
+
+    def _mask(self, context: peftkit.PlanContext) -> dict[str, torch.Tensor]:
+        """Parameter name -> sorted flat positions to train."""
+        c, model = self.config, context.model
         if c.mask is not None:
-            self.mask = {n: torch.as_tensor(i, dtype=torch.int64).reshape(-1).sort().values for n, i in c.mask.items()}
+            mask = {n: torch.as_tensor(i, dtype=torch.int64).reshape(-1).sort().values for n, i in c.mask.items()}
             known = dict(model.named_parameters())
-            bad = [n for n in self.mask if n not in known]
+            bad = [n for n in mask if n not in known]
             if bad:
                 raise ConfigError(f"mask names parameters the model does not have: {bad[:3]}")
-            return
+            return mask
         if c.data is None:
             raise ConfigError("fish needs mask=peftkit.fisher_mask(...) or data=... (an iterable of batches) to "
                               "estimate the Fisher information from")
-        # modules trained whole (or replaced by a new head) are not candidates; their parameters
-        # count inside the budget, as in the reference implementation
-        names = set(candidate_names(model, c.candidates))
-        owned = {n for n in names if any(n.startswith(t + ".") for t in trained if t)}
-        self.mask = fisher_mask(model, c.data, c.loss_fn, keep=c.keep, samples=c.samples, fisher=c.fisher,
-                                scope=c.scope, candidates=lambda n, _: n in names and n not in owned,
-                                trained_parameters=trained_parameters)
-
-    def _owned(self, path: str) -> dict[str, torch.Tensor]:
-        prefix = f"{path}." if path else ""
-        return {n[len(prefix):]: i for n, i in getattr(self, "mask", {}).items()
-                if n.startswith(prefix) and "." not in n[len(prefix):] and i.numel()}
+        # only the targets' own parameters are candidates: modules trained whole (or replaced by a
+        # new head) are not, and their parameters count inside the budget, as in the reference
+        targets = set(context.targets)
+        names = {n for n in candidate_names(model, c.candidates) if n.rpartition(".")[0] in targets}
+        return fisher_mask(model, c.data, c.loss_fn, keep=c.keep, samples=c.samples, fisher=c.fisher,
+                           scope=c.scope, candidates=lambda n, _: n in names,
+                           trained_parameters=context.trained_parameters)
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        owners = {n.rpartition(".")[0] for n, i in self.mask.items() if i.numel()}
-        return [p for p, _ in model.named_modules() if p in owners]
+        """Every module holding parameters of its own (the Fisher information then picks the entries)."""
+        return [p for p, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
-    def can_adapt(self, module: nn.Module) -> bool:
-        return True
-
-    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
-        owned = self._owned(path)
-        if not owned:
-            raise TargetError(f"the FISH mask selects no parameter of {path!r}; leave targets unset to use the mask")
-        return FishDelta(module, owned)
-
-    def rebuild(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
-        return FishDelta(module, dict.fromkeys(spec["counts"]), spec["lengths"], spec["counts"])
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
+        counts, lengths = spec.get("counts"), spec.get("lengths")
+        if not (_counts(counts) and _counts(lengths)):
+            raise ValueError(f"fish spec for {path!r} needs 'counts' and 'lengths' (parameter name -> count)")
+        return FishDelta(module, counts, lengths)
 
 
+def _counts(value: Any) -> bool:
+    """Whether ``value`` is a dict of parameter name -> count (>= 0)."""
+    return isinstance(value, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items())
 
 
 @peftkit.hookimpl

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.targets import find_blocks, is_under, output_layers
@@ -35,17 +33,19 @@ class LastLayer(peftkit.Method):
     Config = LastLayerConfig
     adapts_targets = False
 
-    def trained_modules(self, model: nn.Module, output_layer: str | None, replaced: bool) -> list[str]:
+    def plan(self, context: peftkit.PlanContext) -> peftkit.Plan:
+        """The output layer (unless ``head=``/``heads=`` replace it) and the last ``unfreeze`` blocks."""
+        model, output_layer = context.model, context.output_layer
         if output_layer is None:
             output_layer = output_layers(model).require(model, "last_layer")
-        chosen = [] if replaced else [output_layer]
+        chosen = [] if context.replaced else [output_layer]
         if self.config.unfreeze:
             blocks = [b for b in find_blocks(model) if not (is_under(output_layer, [b]) or is_under(b, [output_layer]))]
             if self.config.unfreeze > len(blocks):
                 raise ConfigError(f"unfreeze={self.config.unfreeze} but the main stage has only {len(blocks)} blocks "
                                   f"before the output layer: {', '.join(blocks)}")
             chosen += blocks[-self.config.unfreeze:]
-        return chosen
+        return peftkit.Plan(targets={}, train=chosen)
 
 
 @peftkit.hookimpl

@@ -476,9 +476,6 @@ class BiasDelta(peftkit.Adapter):
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"bias": self.lora_bias}
 
-    def spec(self) -> dict[str, Any]:
-        return {"bias_only": True}
-
 
 class LoRA(peftkit.Method):
     """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding and MultiheadAttention layers."""
@@ -505,16 +502,18 @@ class LoRA(peftkit.Method):
                 paths.append(path)
         return paths
 
-    def expand_targets(self, model: nn.Module, paths: list[str]) -> list[str]:
+    def plan(self, context: peftkit.PlanContext) -> peftkit.Plan:
+        """The selected targets, except an attention module's ``out_proj`` (its adapter covers it);
+        with ``bias="all"``, also a bias-only delta on every other module with a bias."""
+        model, paths = context.model, context.targets
         mha = {p for p in paths if isinstance(model.get_submodule(p), nn.MultiheadAttention)}
-        # an attention module's adapter already covers its out_proj
         kept = [p for p in paths if not (p.endswith(".out_proj") and p[: -len(".out_proj")] in mha)]
+        specs: dict[str, dict[str, Any]] = {p: {} for p in kept}
         if self.config.bias == "all":
             covered = set(kept) | {f"{p}.out_proj" for p in mha}
-            kept += [p for p, m in model.named_modules()
-                     if p and p not in covered and isinstance(getattr(m, "bias", None), nn.Parameter)]
-        self._bias_only = set(kept) - set(paths)
-        return kept
+            specs.update({p: {"bias_only": True} for p, m in model.named_modules()
+                          if p and p not in covered and isinstance(getattr(m, "bias", None), nn.Parameter)})
+        return peftkit.Plan(specs)
 
     def _pick(self, pattern: dict[str, Any], path: str, default: Any) -> Any:
         for key, value in pattern.items():
@@ -522,12 +521,11 @@ class LoRA(peftkit.Method):
                 return value
         return default
 
-    def rebuild(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
-        return BiasDelta(module) if spec.get("bias_only") else self.build(path, module)
-
-    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         c = self.config
-        if path in getattr(self, "_bias_only", ()):
+        if spec.get("bias_only"):
+            if not isinstance(getattr(module, "bias", None), torch.Tensor):
+                raise TargetError(f"lora cannot train a bias delta on {path!r}: it has no bias")
             return BiasDelta(module)
         if not _own_weight(module):
             raise TargetError(

@@ -30,10 +30,11 @@ from torch import nn
 
 import peftkit
 from peftkit import container
-from peftkit.errors import AdapterFileError, BackboneMismatchError, ConfigError
+from peftkit.build import Prepared, build
+from peftkit.errors import AdapterFileError, BackboneMismatchError, ConfigError, shown
 from peftkit.formats import Format
-from peftkit.io import shown
-from peftkit.model import AdaptedModel, Prepared, build
+from peftkit.model import AdaptedModel
+from peftkit.plan import plan_for
 from peftkit.plugins import get_method
 from peftkit.targets import attributes_read, host_of, pattern_problem
 
@@ -60,7 +61,7 @@ class PeftFormat(Format):
 
     # -- export --------------------------------------------------------------------------------
     def write(self, model: AdaptedModel, adapter: str, directory: Path) -> Path:
-        rec = model._record(adapter)
+        rec = model.get_adapter(adapter)
         if rec.method.name != "lora":
             raise ConfigError(f"only LoRA adapters can be exported to PEFT; {adapter!r} is a {rec.method.name!r} adapter")
         mods = rec.modules
@@ -190,11 +191,9 @@ class PeftFormat(Format):
             except ConfigError as exc:
                 raise AdapterFileError(f"{where} has a LoRA config peftkit cannot take: {exc}") from None
             paths = sorted(lora_paths, key=list(modules).index)
-            paths = method.expand_targets(model, paths)
-            paths = [p for p in paths if not any(p == t or p.startswith(t + ".") for t in train_paths)]
+            plan = plan_for(model, method, paths, train_paths)
             # the shapes every tensor must have, from a build on the meta device (nothing allocated yet)
-            plan = build(model, method, get_method("lora"), paths, train_paths, on_meta=True)
-            wanted = _places(plan, modules, shapes.keys())
+            wanted = _places(build(model, plan, on_meta=True), modules, shapes.keys())
             unknown = sorted(set(shapes) - set(wanted))
             if unknown:
                 raise AdapterFileError(f"{where} holds tensors peftkit does not know where to put: "
@@ -216,7 +215,7 @@ class PeftFormat(Format):
         bad = [names[k] for k, v in values.items() if not container.finite(v)]
         if bad:
             raise AdapterFileError(f"{where} holds NaN or infinite values in {', '.join(shown(k) for k in bad[:3])}; refused")
-        prepared = build(model, method, get_method("lora"), paths, train_paths)
+        prepared = build(model, plan)
         places = _places(prepared, modules, shapes.keys())
         with torch.no_grad():
             for k, (_, put) in places.items():

@@ -23,6 +23,7 @@ from peftkit.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
+from conftest import assert_bitwise_equal  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -188,19 +189,34 @@ def test_meta_device_wrap_then_reset_to_train_a_new_adapter() -> None:
     assert any(t.abs().sum() > 0 for k, t in adapters.file_tensors().items() if k.endswith("lora_A"))
 
 
-def test_reset_refuses_a_loaded_fish_adapter(tmp_path: Path) -> None:
+def test_reset_of_a_loaded_fish_adapter_keeps_its_positions(tmp_path: Path) -> None:
     x, y = worker.batch()
     m = peftkit.wrap(worker.backbone(), "fish", keep=0.1, data=[(x, y)], samples=16)
-    assert m.reset_adapter() == "default"  # wrapped: the method still holds its mask
-    loaded = peftkit.load(worker.backbone(), peftkit.save(m, tmp_path / "f.safetensors"))
-    with pytest.raises(ConfigError, match="load the file again"):
-        loaded.reset_adapter()
+    def positions_of(model: peftkit.AdaptedModel) -> dict[str, torch.Tensor]:
+        return {k: t.clone() for k, t in model.peft_adapters["default"].file_tensors().items() if k.endswith("_index")}
+
+    positions = positions_of(m)
+    with torch.no_grad():
+        for p in m.peft_adapters["default"].parameters():
+            p.add_(1.0)
+    assert m.reset_adapter() == "default"  # wrapped: rebuilt from its plan, positions included
+    assert_bitwise_equal(positions_of(m), positions)
+    assert all(torch.count_nonzero(p) == 0 for p in m.peft_adapters["default"].parameters())
+    with torch.no_grad():
+        for p in m.peft_adapters["default"].parameters():
+            p.add_(1.0)
+    loaded = peftkit.load(worker.backbone(), peftkit.save(m, tmp_path / "f.safetensors")).eval()
+    loaded.reset_adapter()  # loaded: the file's plan has no positions, so the file's stay
+    assert_bitwise_equal(positions_of(loaded), positions)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), worker.backbone().eval()(x), rtol=0, atol=0)  # the identity again
 
 
-def test_sharded_models_refuse_changes_to_the_adapter_set(tmp_path: Path) -> None:
+def test_sharded_models_refuse_changes_to_the_adapter_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = peftkit.wrap(worker.backbone(), "lora", r=2, targets=["fc1"])
     file = peftkit.save(m, tmp_path / "a.safetensors")
-    m.__dict__["_sharded"] = True  # what shard() sets; the checks need no process group
+    # what shard() makes true (its tensors become DTensors); the checks need no process group
+    monkeypatch.setattr(peftkit.AdaptedModel, "sharded", property(lambda self: True))
     for call in (lambda: m.add_adapter("b", "lora", r=2, targets=["fc1"]), lambda: m.load_adapter(file, name="b"),
                  lambda: m.delete_adapter("default"), m.merge):
         with pytest.raises(ConfigError, match="before sharding; to swap an adapter's weights on a sharded model use hotswap"):
@@ -217,7 +233,7 @@ def test_shard_names_scalar_adapter_parameters() -> None:
         pdist.shard(m)
 
 
-def test_shard_refuses_merged_resharded_and_blockless_models() -> None:
+def test_shard_refuses_merged_resharded_and_blockless_models(monkeypatch: pytest.MonkeyPatch) -> None:
     m = peftkit.wrap(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "lora", r=2, targets=["0"])
     m.merge()
     with pytest.raises(peftkit.errors.MergeError, match="unmerge"):
@@ -225,6 +241,6 @@ def test_shard_refuses_merged_resharded_and_blockless_models() -> None:
     m.unmerge()
     with pytest.raises(ConfigError, match="no block with parameters.*pass blocks="):
         pdist.shard(m, blocks=[nn.ReLU])
-    m.__dict__["_sharded"] = True
+    monkeypatch.setattr(peftkit.AdaptedModel, "sharded", property(lambda self: True))
     with pytest.raises(ConfigError, match="already sharded"):
         pdist.shard(m)

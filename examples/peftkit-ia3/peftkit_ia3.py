@@ -15,7 +15,6 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.targets import output_layers
 
 __version__ = "0.1.0"
 
@@ -62,14 +61,9 @@ class IA3(peftkit.Method):
     name = "ia3"
     Config = IA3Config
 
-    def can_adapt(self, module: nn.Module) -> bool:
-        return isinstance(module, (nn.Linear, nn.Conv2d))
+    adapts = (nn.Linear, nn.Conv2d)  # default targets: every one of these except the output layer
 
-    def default_targets(self, model: nn.Module) -> list[str]:
-        heads = output_layers(model).all  # the output layer, or every layer producing an output
-        return [p for p, m in model.named_modules() if p and p not in heads and self.can_adapt(m)]
-
-    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         return IA3Scale(module, self.config.init)
 
 

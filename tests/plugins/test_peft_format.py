@@ -222,7 +222,7 @@ def test_refusals(tmp_path: Path) -> None:
 
 
 def test_format_is_a_plugin() -> None:
-    from peftkit.plugins import format_classes
+    from peftkit.formats import format_classes
 
     assert "peft" in format_classes()
     assert copy.copy(format_classes()["peft"]).name == "peft"

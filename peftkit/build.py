@@ -1,0 +1,180 @@
+"""Plan -> build: the adapter modules of one :class:`~peftkit.plan.AdapterPlan`, not yet attached.
+
+:func:`build` is the one place adapters are made, for ``wrap`` and for loading alike; with
+``on_meta`` it is a dry run on meta-device twins of the modules (shapes and dtypes, no memory),
+which loading uses to check a file's tables before allocating anything it declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PluginError, TargetError
+from .heads import MultiHead, fresh_layer
+from .method import Adapter, Method
+from .plan import AdapterPlan
+from .targets import calls_forward, host_of, is_under
+
+__all__ = ["AdapterSet", "Prepared", "build", "meta_twin"]
+
+
+class AdapterSet(nn.Module):
+    """The trainable modules of one named adapter: the method's per-target adapters (with the spec
+    each was built from), whole-module copies (``train`` modules, and fresh output layers for
+    ``head=N``), and optional multi-task heads."""
+
+    def __init__(self, plan: AdapterPlan, adapters: Sequence[Adapter], copies: Sequence[nn.Module],
+                 heads: MultiHead | None = None) -> None:
+        super().__init__()
+        self.paths = list(plan.targets)
+        self.specs = {p: dict(s) for p, s in plan.targets.items()}
+        self.adapters = nn.ModuleList(adapters)
+        self.train_paths = list(plan.train)
+        self.copies = nn.ModuleList(copies)
+        self.fresh = dict(plan.fresh)  # train path -> outputs, for new output layers (head=N)
+        self.heads_path = plan.heads[0] if plan.heads else None
+        self.heads = heads
+
+    def items(self) -> Iterator[tuple[str, Adapter]]:
+        """(target path, the method's adapter) pairs."""
+        adapters: list[Adapter] = [a for a in self.adapters if isinstance(a, Adapter)]
+        return zip(self.paths, adapters, strict=True)
+
+    def train_items(self) -> Iterator[tuple[str, nn.Module]]:
+        """(module path, trained copy) pairs, fresh output layers included."""
+        return zip(self.train_paths, list(self.copies), strict=True)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything an adapter file stores for this adapter, keyed by backbone path."""
+        out: dict[str, torch.Tensor] = {}
+        parts: list[tuple[str, nn.Module]] = [*self.items(), *self.train_items()]
+        if self.heads is not None and self.heads_path is not None:
+            parts.append((self.heads_path, self.heads))
+        for path, module in parts:
+            for key, t in module.state_dict().items():
+                full = f"{path}.{key}" if path else key
+                if full in out:
+                    raise PluginError(f"two adapter tensors share the file key {full!r}; rename one")
+                out[full] = t
+        return out
+
+
+@dataclass
+class Prepared:
+    """An adapter built and validated but not yet attached (so a refusal changes nothing).
+
+    Attributes:
+        plan: What it was built from.
+        modules: The built modules.
+        cache: Facts already checked (from a file's header), reused by a later hot swap.
+    """
+
+    plan: AdapterPlan
+    modules: AdapterSet
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> Method:
+        """The configured method."""
+        return self.plan.method
+
+
+def _takes_spec(method: Method) -> bool:
+    """Whether ``method.build`` takes the spec (a plugin written for ``build(path, module)`` does not)."""
+    params = list(inspect.signature(method.build).parameters.values())
+    return len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prepared:
+    """Build the adapters of ``plan`` for ``model``: one per target (from the target's spec), a copy
+    of each ``train`` module (or a fresh output layer), multi-task heads; then the plan's values.
+
+    Args:
+        model: The backbone (unchanged).
+        plan: From :func:`peftkit.plan.make_plan` or from an adapter file.
+        on_meta: Build from meta-device twins of the modules: a dry run giving the shapes and
+            dtypes a file must hold, allocating nothing.
+
+    Raises:
+        TargetError: a target inside a trained or replaced module, or a transform-only adapter on a
+            module that never runs its own forward.
+        PluginError: the method's ``build`` returned something other than an Adapter, or the plan's
+            values do not fit the adapter built.
+    """
+    m = plan.method
+    train_paths = plan.train
+    for p in plan.targets:
+        if (is_under(p, train_paths) or any(is_under(t, [p]) for t in train_paths)
+                or (plan.heads and is_under(p, [plan.heads[0]]))):
+            raise TargetError(f"module {p!r} is both a target and (inside) a trained or replaced module; "
+                              "a trained module is saved whole, so drop it from one of the lists")
+
+    def module_at(path: str) -> nn.Module:
+        return meta_twin(model.get_submodule(path)) if on_meta else model.get_submodule(path)
+
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        takes_spec = _takes_spec(m)
+        adapters: list[Adapter] = []
+        for p, spec in plan.targets.items():
+            module = module_at(p)
+            adapter = m.build(p, module, spec) if takes_spec else m.build(p, module)  # type-checked below
+            if not isinstance(adapter, Adapter):
+                raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
+            _check_runs(model, m, p, adapter)
+            if p in plan.values and not on_meta:
+                _fill(m, p, adapter, plan.values[p])
+            adapters.append(adapter)
+        copies = []
+        for p in train_paths:
+            c = fresh_layer(module_at(p), plan.fresh[p]) if p in plan.fresh else copy.deepcopy(module_at(p))
+            for prm in c.parameters():
+                prm.requires_grad_(True)
+            copies.append(c)
+        heads = MultiHead(module_at(plan.heads[0]), plan.heads[1]) if plan.heads else None
+    return Prepared(plan, AdapterSet(plan, adapters, copies, heads))
+
+
+def _check_runs(model: nn.Module, m: Method, path: str, adapter: Adapter) -> None:
+    """Refuse a transform-only adapter on a module whose parent reads its weights directly (dead)."""
+    host, prefix = host_of(model, path)
+    if prefix and not adapter.has_delta:
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        if not calls_forward(parent, path.rsplit(".", 1)[-1]):
+            raise TargetError(
+                f"{path!r} never runs its own forward: {type(model.get_submodule(host)).__name__} at {host!r} "
+                f"reads its weights directly, and method {m.name!r} only transforms outputs, so the adapter "
+                f"would be dead. Target {host!r} instead.")
+
+
+def _fill(m: Method, path: str, adapter: Adapter, values: dict[str, torch.Tensor]) -> None:
+    """Copy planned initial values into a freshly built adapter (keys and shapes must match)."""
+    state = adapter.state_dict(keep_vars=True)
+    for key, value in values.items():
+        if key not in state or tuple(state[key].shape) != tuple(value.shape):
+            have = tuple(state[key].shape) if key in state else "no such tensor"
+            raise PluginError(f"method {m.name!r} planned a value for {path}.{key} of shape {tuple(value.shape)}, "
+                              f"but the adapter it built has {have}")
+        with torch.no_grad():
+            state[key].copy_(value)
+
+
+def meta_twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose tensors, and its children's, are on the meta device: an
+    adapter built for it allocates nothing (see :func:`build`)."""
+    twin = copy.copy(module)
+    twin.__dict__["_parameters"] = {
+        k: None if t is None else nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                               requires_grad=t.requires_grad)
+        for k, t in module._parameters.items()}
+    twin.__dict__["_buffers"] = {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                 for k, t in module._buffers.items()}
+    twin.__dict__["_modules"] = {k: None if c is None else meta_twin(c) for k, c in module._modules.items()}
+    return twin

@@ -1,0 +1,174 @@
+"""Selection -> plan: what one adapter is made of, decided before anything is built.
+
+An :class:`AdapterPlan` comes from one of two places and is built by one code path
+(:func:`peftkit.build.build`):
+
+* :func:`make_plan`, from ``wrap``'s arguments: the user's ``targets``/``exclude``/``train``/``head``
+  choices, the method's :meth:`~peftkit.Method.default_targets` and :meth:`~peftkit.Method.plan`;
+* an adapter file's targets table (:mod:`peftkit.files`), which stores every plan field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, PluginError, TargetError
+from .method import Method, Plan, PlanContext
+from .plugins import MethodInfo, get_method
+from .targets import Selection, is_under, output_layers, select_modules
+
+__all__ = ["AdapterPlan", "make_plan", "plan_for"]
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Everything needed to build one adapter for a model.
+
+    Attributes:
+        method: The configured method.
+        info: Its registration (plugin, distribution, version).
+        targets: Target path -> the method's spec for it (saved in the file).
+        train: Paths of modules trained whole (copies saved whole), fresh output layers included.
+        fresh: Train path -> number of outputs, for a fresh output layer (``head=N``).
+        heads: (path of the output layer, {head name: outputs}) for multi-task heads, or None.
+        values: Target path -> initial values of adapter tensors decided when planning (wrap only).
+    """
+
+    method: Method
+    info: MethodInfo
+    targets: dict[str, dict[str, Any]]
+    train: list[str] = field(default_factory=list)
+    fresh: dict[str, int] = field(default_factory=dict)
+    heads: tuple[str, dict[str, int]] | None = None
+    values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def configured(method: str | Method, options: dict[str, Any]) -> tuple[Method, MethodInfo]:
+    """The method instance for ``method`` (a registered name, or an instance) and its registration.
+
+    Raises:
+        UnknownMethodError: no plugin provides it.
+        ConfigError: options given twice, an unknown option, or a bad value.
+    """
+    info = get_method(method.name if isinstance(method, Method) else method)
+    if isinstance(method, Method):
+        if options:
+            raise ConfigError("pass options either in the Method instance or as keywords, not both")
+        return method, info
+    return info.cls.configure(**options), info
+
+
+def _check_head_counts(head: Any, heads: Any) -> None:
+    if head is not None and heads is not None:
+        raise ConfigError("pass either head=N (one new output layer) or heads={name: N, ...} (several), not both")
+    if heads is not None and not isinstance(heads, dict):
+        raise ConfigError(f"heads={heads!r} is invalid; expected a dict of name -> outputs, e.g. {{'count': 5}}")
+    for n in ([head] if head is not None else []) + list((heads or {}).values()):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"head={n!r} is invalid; expected the number of outputs, e.g. head=2")
+
+
+def _outermost(model: nn.Module, paths: list[str]) -> list[str]:
+    """``paths`` without duplicates or paths inside another, in module order."""
+    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    unique = list(dict.fromkeys(paths))
+    return sorted((p for p in unique if not is_under(p, [q for q in unique if q != p])), key=order.__getitem__)
+
+
+def make_plan(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
+              train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
+              example_input: Any = None, **options: Any) -> AdapterPlan:
+    """Plan an adapter of ``method`` for ``model`` from ``wrap``'s arguments, without touching ``model``.
+
+    In order: the method and its options; the output layer (for ``head``/``heads``); the modules
+    trained whole; the targets (the user's, or the method's defaults, minus ``exclude`` and the
+    trained modules); then the method's own :meth:`~peftkit.Method.plan`.
+
+    Raises:
+        UnknownMethodError, ConfigError, TargetError: see :func:`peftkit.wrap`.
+    """
+    m, info = configured(method, options)
+    _check_head_counts(head, heads)
+    replaced = head is not None or heads is not None
+    outputs = output_layers(model, example_input)
+    output = outputs.require(model, "head=N" if head is not None else "heads={...}") if replaced else outputs.path
+    train_paths = select_modules(model, train, what="train") if train is not None else []
+    if head is not None and output is not None:
+        train_paths.append(output)
+    train_paths = _outermost(model, train_paths)
+    avoid = train_paths + ([output] if replaced and output else [])
+    fresh = {output: head} if head is not None and output is not None else {}
+    trained = sum(p.numel() for t in train_paths if t not in fresh for p in model.get_submodule(t).parameters())
+    for n in ([head] if head is not None else []) + list((heads or {}).values()):
+        layer = model.get_submodule(output or "")  # a fresh layer of n outputs: n rows of weight, n biases
+        trained += layer.weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
+    paths = _targets(model, m, targets, exclude, avoid)
+    context = PlanContext(model=model, targets=paths, explicit=targets is not None, train=list(avoid),
+                          trained_parameters=trained, output_layer=output, replaced=replaced)
+    decided = m.plan(context)
+    if not isinstance(decided, Plan):
+        raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    chosen = set(paths)
+    # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
+    planned = {p: dict(spec) for p, spec in decided.targets.items() if p in chosen or not is_under(p, avoid)}
+    missing = [p for p in [*planned, *decided.train] if not _exists(model, p)]
+    if missing:
+        raise PluginError(f"method {m.name!r}: plan() names modules the model does not have: {missing[:3]}")
+    return AdapterPlan(m, info, planned, _outermost(model, train_paths + list(decided.train)), fresh,
+                       (output, dict(heads)) if heads is not None and output is not None else None,
+                       {p: dict(v) for p, v in decided.values.items() if p in planned})
+
+
+def plan_for(model: nn.Module, method: Method, targets: list[str], train: list[str] | None = None) -> AdapterPlan:
+    """The plan of ``method`` for exactly these target paths and trained modules, as when the user
+    names them (for a format plugin importing another library's adapter): the method's
+    :meth:`~peftkit.Method.plan` still has the last word, but nothing is selected by pattern.
+
+    Raises:
+        UnknownMethodError: ``method`` is not registered.
+        TargetError, PluginError: as :func:`make_plan`.
+    """
+    m, info = configured(method, {})
+    train = _outermost(model, list(train or []))
+    paths = [p for p in targets if not is_under(p, train)]
+    context = PlanContext(model=model, targets=paths, explicit=True, train=train, trained_parameters=0,
+                          output_layer=None, replaced=False)
+    decided = m.plan(context)
+    if not isinstance(decided, Plan):
+        raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    planned = {p: dict(spec) for p, spec in decided.targets.items() if not is_under(p, train)}
+    return AdapterPlan(m, info, planned, _outermost(model, train + list(decided.train)),
+                       values={p: dict(v) for p, v in decided.values.items() if p in planned})
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _targets(model: nn.Module, m: Method, targets: Selection, exclude: Selection, avoid: list[str]) -> list[str]:
+    """The selected target paths: the user's, or the method's defaults (minus ``exclude`` and ``avoid``)."""
+    if not m.adapts_targets:
+        if targets is not None:
+            raise ConfigError(f"method {m.name!r} trains whole modules and takes no targets; use train=[...]")
+        return []
+    if targets is not None:
+        return select_modules(model, targets, exclude, can_adapt=m.can_adapt, method=repr(m.name))
+    excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
+    paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]
+    if not paths:
+        if type(m).default_targets is Method.default_targets:
+            doc = f"every {', '.join(t.__name__ for t in m.adapts)} except the output layer"
+        else:
+            doc = " ".join((type(m).default_targets.__doc__ or "").split()).split(". ")[0].rstrip(".")
+        defaults = f" (its defaults: {doc[0].lower() + doc[1:]})" if doc else ""
+        raise TargetError(f"method {m.name!r} found no default targets in {type(model).__name__}{defaults}; "
+                          "pass targets=[...]")
+    return paths

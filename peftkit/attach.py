@@ -11,6 +11,7 @@ class's own except on the calls the adapter takes; it is removed with the hooks.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from .errors import TargetError
 from .method import Adapter, add_delta, detach_delta
 from .targets import host_of
 from .transaction import Journal
+
+__all__ = ["AdapterEntry", "CopyEntry", "Entry", "Form", "Frame", "RuntimeState", "Slot", "TensorStamp", "acting_host", "release", "replacement_tensors", "slots_in", "stamps_match", "tensor_slot"]
 
 
 @dataclass
@@ -37,65 +40,95 @@ class RuntimeState:
         return not self.disabled and name in self.active and (persistent or name not in self.merged)
 
 
+class Form(enum.Enum):
+    """How an adapter applies to its target on one call (see :meth:`AdapterEntry.form`)."""
+
+    DELTA = "delta"  # weight space, differentiable: the target runs with W + delta
+    FOLD = "fold"  # weight space without autograd, plus the adapter's fold_gradient on the output
+    TRANSFORM = "transform"  # output space: the adapter's transform after the target's forward
+
+
 @dataclass
-class Entry:
-    """One adapter's (or one ``train`` copy's) attachment to a host.
+class AdapterEntry:
+    """One adapter's attachment to a host.
 
     Attributes:
         adapter_name: The AdaptedModel's name for the adapter this entry belongs to.
         target: The target module (the host itself, or a child the host reads directly).
+        adapter: The Adapter module.
         prefix: Prefix of the target's tensor names as seen from the host (``""`` or ``"out_proj."``).
-        adapter: The Adapter module, for an adapter entry.
-        replacement: For a ``train`` entry, the trained copy whose tensors replace the host's.
-        mapping: Host tensor name -> the tensor's name in the target (or the ``train`` copy), for an
-            entry on a module that shares a tensor with the target (tied weights); default: all the
-            target's tensors, by their own names.
+        mapping: Host tensor name -> the tensor's name in the target, for an entry on a module that
+            shares a tensor with the target (tied weights); default: all the target's tensors, by
+            their own names.
         persistent: Applies even while its adapter is merged (it has no weight-space form).
     """
 
     adapter_name: str
     target: nn.Module
+    adapter: Adapter
     prefix: str = ""
-    adapter: Adapter | None = None
-    replacement: nn.Module | None = None
     mapping: dict[str, str] | None = None
     persistent: bool = False
 
-    def form(self, grad: bool) -> str:
-        """How this adapter applies now: ``"delta"`` (weight space, differentiable), ``"fold"`` (weight
-        space without autograd, plus the adapter's :meth:`~peftkit.Adapter.fold_gradient`) or
-        ``"transform"`` (output space). Inference prefers the delta (no extra activations). Training
+    def form(self, grad: bool) -> Form:
+        """How this adapter applies now. Inference prefers the delta (no extra activations). Training
         prefers the fold where the adapter offers it (the target's own kernels then carry the
         adapter, and no weight gradient is computed), else the output form (autograd through a
         low-rank path is cheaper than through a full weight). A target read directly by its host can
         only use the delta."""
         a = self.adapter
-        assert a is not None
         if self.prefix or self.mapping is not None:  # the host reads the target's tensors: weight space only
-            return "delta"
+            return Form.DELTA
         training = self.trains(grad)
         if training and a.has_delta and a.folds_in_training(self.target):
-            return "fold"
+            return Form.FOLD
         if not a.has_transform:
-            return "delta"
+            return Form.DELTA
         if not a.has_delta:
-            return "transform"
+            return Form.TRANSFORM
         if a.train_in_weight_space:
-            return "delta"
-        return "transform" if training else "delta"
+            return Form.DELTA
+        return Form.TRANSFORM if training else Form.DELTA
 
     def trains(self, grad: bool) -> bool:
         """Whether the adapter trains on this call: autograd on and some parameter of it trainable."""
-        return grad and self.adapter is not None and any(p.requires_grad for p in self.adapter.parameters())
+        return grad and any(p.requires_grad for p in self.adapter.parameters())
 
     @property
     def can_stand_in(self) -> bool:
         """Whether the adapter offers :meth:`~peftkit.Adapter.stand_in` on a target that is its own host."""
-        return self.adapter is not None and not self.prefix and self.mapping is None and self.adapter.has_stand_in
+        return not self.prefix and self.mapping is None and self.adapter.has_stand_in
 
     def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this adapter computes the host's whole output for this call (training only)."""
-        return self.can_stand_in and self.trains(grad) and self.adapter.stands_in(self.target, args, kwargs)  # type: ignore[union-attr]
+        return self.can_stand_in and self.trains(grad) and self.adapter.stands_in(self.target, args, kwargs)
+
+
+@dataclass
+class CopyEntry:
+    """A ``train`` module's trained copy, whose tensors replace the host's.
+
+    Attributes:
+        adapter_name: The AdaptedModel's name for the adapter this entry belongs to.
+        target: The module trained whole (the host itself, or for tied weights the module it shares a
+            tensor with).
+        copy: The trained copy.
+        mapping: Host tensor name -> the tensor's name in the copy, for a module sharing a tensor
+            with the trained one (tied weights); default: all the copy's tensors, by their own names.
+    """
+
+    adapter_name: str
+    target: nn.Module
+    copy: nn.Module
+    mapping: dict[str, str] | None = None
+    persistent: bool = False  # a copy always has a weight-space form, so merging replaces it
+
+    def trains(self, grad: bool) -> bool:
+        """Whether the copy trains on this call: autograd on and some parameter of it trainable."""
+        return grad and any(p.requires_grad for p in self.copy.parameters())
+
+
+Entry = AdapterEntry | CopyEntry
 
 
 @dataclass
@@ -103,8 +136,8 @@ class Frame:
     """One call of a host: the tensors substituted for it, and the entry standing in for its forward."""
 
     substituted: Journal = field(default_factory=Journal)
-    after: list[tuple[Entry, str]] = field(default_factory=list)  # entries applied after the forward, and how
-    stand_in: Entry | None = None
+    after: list[tuple[AdapterEntry, Form]] = field(default_factory=list)  # entries applied after the forward, and how
+    stand_in: AdapterEntry | None = None
     taken: bool = False  # the stand-in ran (once: a nested call of the same host runs normally)
 
 
@@ -201,7 +234,7 @@ class Slot:
     def add(self, entry: Entry) -> None:
         """Attach one more entry; an adapter that can stand in for the host's forward gets the hook for it."""
         self.entries.append(entry)
-        if entry.can_stand_in:
+        if isinstance(entry, AdapterEntry) and entry.can_stand_in:
             self._install_forward()
 
     def remove(self) -> None:
@@ -229,28 +262,32 @@ class Slot:
         frame = self._frames[-1] if self._frames else None
         if frame is not None and frame.stand_in is not None and not frame.taken:
             frame.taken = True
-            return frame.stand_in.adapter.stand_in(frame.stand_in.target, args, kwargs)  # type: ignore[union-attr]
+            return frame.stand_in.adapter.stand_in(frame.stand_in.target, args, kwargs)
         if self._inner_forward is not None:
             return self._inner_forward(*args, **kwargs)
         return type(self.host).forward(self.host, *args, **kwargs)
 
-    def substitutions(self, entries: list[Entry], grad: bool, forms: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def substitutions(self, entries: list[Entry], grad: bool,
+                      forms: list[Form | None] | None = None) -> dict[str, torch.Tensor]:
         """Tensor name (relative to the host) -> the tensor to use in its place, for this call
-        (``forms``: each adapter entry's :meth:`Entry.form`, when the caller has them)."""
+        (``forms``: each adapter entry's :meth:`AdapterEntry.form`, when the caller has them)."""
         subs: dict[str, torch.Tensor] = {}
         for i, e in enumerate(entries):
-            if e.replacement is not None:
-                tensors = dict(replacement_tensors(e.replacement))
+            if isinstance(e, CopyEntry):
+                tensors = dict(replacement_tensors(e.copy))
                 subs.update(tensors if e.mapping is None else {h: tensors[c] for h, c in e.mapping.items()})
-            elif (form := forms[i] if forms is not None else e.form(grad)) != "transform":
-                with torch.set_grad_enabled(grad and form == "delta"):
-                    deltas = e.adapter.delta(e.target)  # type: ignore[union-attr]
-                for name, d in (deltas or {}).items():
-                    keys = [e.prefix + name] if e.mapping is None else [h for h, t in e.mapping.items() if t == name]
-                    for key in keys:
-                        base = subs[key] if key in subs else _get(self.host, key)
-                        # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
-                        subs[key] = add_delta(base, detach_delta(d) if form == "fold" else d)
+                continue
+            form = forms[i] if forms is not None and forms[i] is not None else e.form(grad)
+            if form is Form.TRANSFORM:
+                continue
+            with torch.set_grad_enabled(grad and form is Form.DELTA):
+                deltas = e.adapter.delta(e.target)
+            for name, d in (deltas or {}).items():
+                keys = [e.prefix + name] if e.mapping is None else [h for h, t in e.mapping.items() if t == name]
+                for key in keys:
+                    base = subs[key] if key in subs else _get(self.host, key)
+                    # a folded delta carries no autograd (fold_gradient does), but a trainable base still does
+                    subs[key] = add_delta(base, detach_delta(d) if form is Form.FOLD else d)
         return subs
 
     def clear_cache(self) -> None:
@@ -261,9 +298,9 @@ class Slot:
         """Every adapter and ``train``-copy tensor the substitutions are computed from."""
         out: list[torch.Tensor] = []
         for e in entries:
-            module = e.adapter if e.adapter is not None else e.replacement
-            out.extend(module.parameters())  # type: ignore[union-attr]
-            out.extend(b for b in module.buffers() if b is not None)  # type: ignore[union-attr]
+            module = e.adapter if isinstance(e, AdapterEntry) else e.copy
+            out.extend(module.parameters())
+            out.extend(b for b in module.buffers() if b is not None)
         return out
 
     def _cached_substitutions(self, entries: list[Entry]) -> dict[str, torch.Tensor]:
@@ -283,8 +320,7 @@ class Slot:
 
     def trains_now(self) -> bool:
         """Whether an entry applied now has trainable parameters (an adapter, or a ``train`` copy)."""
-        return any(e.trains(True) or (e.replacement is not None and any(p.requires_grad for p in e.replacement.parameters()))
-                   for e in self._live())
+        return any(e.trains(True) for e in self._live())
 
     def unwind(self) -> None:
         """Put back every tensor still substituted: after a forward that was interrupted where PyTorch
@@ -304,20 +340,22 @@ class Slot:
             return
         grad = torch.is_grad_enabled()
         if self._forward_installed and host.__dict__.get("forward") == self._forward:
-            frame.stand_in = next((e for e in entries if e.stands_in(grad, args, kwargs)), None)
+            frame.stand_in = next((e for e in entries if isinstance(e, AdapterEntry) and e.stands_in(grad, args, kwargs)),
+                                  None)
             entries = [e for e in entries if e is not frame.stand_in]  # it applies its own delta
-        forms = [e.form(grad) if e.adapter is not None else "" for e in entries]  # once per call, for both hooks
+        forms = [e.form(grad) if isinstance(e, AdapterEntry) else None for e in entries]  # once per call, for both hooks
         subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad, forms)
-        frame.after = [(e, f) for e, f in zip(entries, forms, strict=True) if f in ("transform", "fold")]
+        frame.after = [(e, f) for e, f in zip(entries, forms, strict=True)
+                       if isinstance(e, AdapterEntry) and f in (Form.TRANSFORM, Form.FOLD)]
         for name, tensor in subs.items():
             frame.substituted.put(*tensor_slot(host, name), tensor)
 
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         for e, form in self._frames[-1].after if self._frames else ():
-            if form == "transform":
-                output = e.adapter.transform(e.target, args, kwargs, output)  # type: ignore[union-attr]
-            elif form == "fold":
-                output = e.adapter.fold_gradient(e.target, args, kwargs, output)  # type: ignore[union-attr]
+            if form is Form.TRANSFORM:
+                output = e.adapter.transform(e.target, args, kwargs, output)
+            else:
+                output = e.adapter.fold_gradient(e.target, args, kwargs, output)
         return output
 
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:

@@ -128,6 +128,9 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
             adapter = m.build(p, module, spec) if takes_spec else m.build(p, module)  # type-checked below
             if not isinstance(adapter, Adapter):
                 raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
+            if any("spec" in vars(k) for k in type(adapter).__mro__ if k is not Adapter):
+                raise PluginError(f"method {m.name!r}: {type(adapter).__name__}.spec() is no longer called; return what "
+                                  "it held from Method.plan() as the target's spec (see docs/plugins.md)")
             _check_runs(model, m, p, adapter)
             if p in plan.values and not on_meta:
                 _fill(m, p, adapter, plan.values[p])

@@ -12,6 +12,8 @@ from .errors import PeftkitError
 from .io import read_header
 from .plugins import failed_plugins, method_infos
 
+__all__ = ["build_parser", "main"]
+
 
 def _methods(args: argparse.Namespace) -> int:
     infos = method_infos()

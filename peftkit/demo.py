@@ -28,6 +28,8 @@ import peftkit
 
 from .progress import Progress
 
+__all__ = ["SmallResNet", "Task", "accuracy", "draw_stars", "fresh_backbone", "pretrained_backbone", "run"]
+
 N_CLASSES = 6  # 3..8 points
 SIZE = 32
 QUANTILES = (0.1, 0.5, 0.9)

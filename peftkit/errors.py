@@ -18,6 +18,7 @@ __all__ = [
     "TargetError",
     "UnknownAdapterError",
     "UnknownMethodError",
+    "shown",
 ]
 
 

@@ -65,7 +65,7 @@ def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
     for p, _ in modules.train_items():
         add(p, "head", {"outputs": modules.fresh[p]}) if p in modules.fresh else add(p, "train", {})
     if modules.heads is not None:
-        add(modules.heads_path, "heads", modules.heads.spec())
+        add(modules.heads_path, "heads", {"heads": modules.heads.outputs()})
     return out
 
 

@@ -39,8 +39,9 @@ class MultiHead(Adapter):
             raise ConfigError(f"heads={heads!r} is invalid; expected a dict of name -> outputs, e.g. {{'count': 5}}")
         self.heads = nn.ModuleDict({name: fresh_layer(layer, n) for name, n in heads.items()})
 
-    def spec(self) -> dict[str, Any]:
-        return {"heads": {name: _outputs(h) for name, h in self.heads.items()}}
+    def outputs(self) -> dict[str, int]:
+        """Each head's number of outputs, by name."""
+        return {name: _outputs(h) for name, h in self.heads.items()}
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))

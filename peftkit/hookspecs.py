@@ -14,6 +14,8 @@ import pluggy
 hookspec = pluggy.HookspecMarker("peftkit")
 hookimpl = pluggy.HookimplMarker("peftkit")
 
+__all__ = ["hookimpl", "hookspec", "register_formats", "register_methods"]
+
 
 @hookspec
 def register_methods(register: Callable[[type[Any]], None]) -> None:

@@ -19,7 +19,18 @@ import torch
 from torch import nn
 
 from . import container, sharding
-from .attach import Entry, RuntimeState, Slot, acting_host, release, replacement_tensors, slots_in, tensor_slot
+from .attach import (
+    AdapterEntry,
+    CopyEntry,
+    Entry,
+    RuntimeState,
+    Slot,
+    acting_host,
+    release,
+    replacement_tensors,
+    slots_in,
+    tensor_slot,
+)
 from .build import AdapterSet, Prepared, build
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
@@ -370,19 +381,18 @@ class AdaptedModel(nn.Module):
         for path, adapter in mods.items():
             host, prefix = acting_host(base, path, adapter)
             target = base.get_submodule(path)
-            entries.append((host, path, Entry(name, target, prefix, adapter=adapter)))
+            entries.append((host, path, AdapterEntry(name, target, adapter, prefix)))
             if prepared.method.follows_ties and not prefix:  # a parameter's delta applies wherever it is read
                 for other, tname, cname in tied_aliases(base, path):
-                    entries.append((other, path, Entry(name, target, adapter=adapter, mapping={tname: cname})))
+                    entries.append((other, path, AdapterEntry(name, target, adapter, mapping={tname: cname})))
         for path, c in mods.train_items():
-            entries.append((path, path, Entry(name, base.get_submodule(path), replacement=c)))
+            entries.append((path, path, CopyEntry(name, base.get_submodule(path), c)))
             if path not in mods.fresh:  # a tensor tied to another module's (lm_head ~ embedding) stays tied
                 for other, tname, cname in tied_aliases(base, path):
-                    entries.append((other, path, Entry(name, base.get_submodule(other), replacement=c,
-                                                       mapping={tname: cname})))
-        if mods.heads is not None:
-            entries.append((mods.heads_path, mods.heads_path, Entry(name, base.get_submodule(mods.heads_path),
-                                                                    adapter=mods.heads, persistent=True)))
+                    entries.append((other, path, CopyEntry(name, base.get_submodule(other), c, mapping={tname: cname})))
+        if mods.heads is not None and mods.heads_path is not None:
+            entries.append((mods.heads_path, mods.heads_path,
+                            AdapterEntry(name, base.get_submodule(mods.heads_path), mods.heads, persistent=True)))
         for host, adapted, entry in entries:
             if host not in self._slots:
                 self._slots[host] = Slot(base.get_submodule(host), self._state)

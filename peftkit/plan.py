@@ -47,6 +47,25 @@ class AdapterPlan:
     values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+# hooks of the first plugin protocol, and what replaced them: a plugin still implementing one would
+# silently lose that behaviour, so it is refused by name
+_RETIRED = {
+    "setup": "plan(context): work that needs the model (context.model, context.train, context.trained_parameters)",
+    "expand_targets": "plan(context): return Plan({path: spec, ...}) with the targets to build",
+    "trained_modules": "plan(context): return Plan(targets, train=[...])",
+    "rebuild": "build(path, module, spec): the same call for wrapping and loading, spec from the plan or the file",
+}
+
+
+def _check_protocol(cls: type[Method]) -> None:
+    retired = [h for h in _RETIRED if any(h in vars(k) for k in cls.__mro__ if k is not Method and k is not object)]
+    if retired:
+        raise PluginError(
+            f"method {cls.name!r} ({cls.__module__}) implements {', '.join(h + '()' for h in retired)}, which peftkit no "
+            "longer calls; use " + "; ".join(_RETIRED.get(h, h) for h in retired if h in _RETIRED)
+            + ". See docs/plugins.md.")
+
+
 def configured(method: str | Method, options: dict[str, Any]) -> tuple[Method, MethodInfo]:
     """The method instance for ``method`` (a registered name, or an instance) and its registration.
 
@@ -55,6 +74,7 @@ def configured(method: str | Method, options: dict[str, Any]) -> tuple[Method, M
         ConfigError: options given twice, an unknown option, or a bad value.
     """
     info = get_method(method.name if isinstance(method, Method) else method)
+    _check_protocol(info.cls)
     if isinstance(method, Method):
         if options:
             raise ConfigError("pass options either in the Method instance or as keywords, not both")

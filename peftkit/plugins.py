@@ -22,6 +22,8 @@ from .method import Method
 
 T = TypeVar("T")
 
+__all__ = ["BUILTIN_DISTRIBUTION", "ENTRY_POINT_GROUP", "MethodInfo", "Registration", "collect", "failed_plugins", "get_method", "load_plugins", "method_infos", "pm"]
+
 ENTRY_POINT_GROUP = "peftkit"
 BUILTIN_DISTRIBUTION = "peftkit"
 

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+__all__ = ["Progress"]
+
 
 class Progress:
     """``desc [#####-----] 12/40 3.1 it/s loss=0.52`` redrawn in place, at most ten times a second, on a

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "all_reduce_sum", "assign", "full_tensor", "is_dtensor", "is_sharded", "original_class", "rank", "unwrap_parallel",
-    "world_size",
+    "all_reduce_sum", "assign", "full_tensor", "initialized", "is_dtensor", "is_sharded", "original_class", "rank",
+    "unwrap_parallel", "world_size",
 ]
 
 

@@ -28,9 +28,9 @@ from .errors import TargetError
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
 
-__all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "find_blocks", "find_output_layer",
-           "forward_source", "host_of", "is_projection", "is_under", "matches", "output_layers", "pattern_problem",
-           "select_modules", "tied_aliases"]
+__all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "calls_forward", "find_blocks",
+           "find_output_layer", "forward_source", "host_of", "is_projection", "is_under", "matches", "nearest_names",
+           "output_layers", "pattern_problem", "select_modules", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:

@@ -555,3 +555,6 @@ class LoRA(peftkit.Method):
 @peftkit.hookimpl
 def register_methods(register: Any) -> None:
     register(LoRA)
+
+
+__all__ = ["BiasDelta", "ConvLoRA", "EmbeddingLoRA", "LinearLoRA", "LoRA", "LoraConfig", "LowRank", "MultiheadAttentionLoRA"]

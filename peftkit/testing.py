@@ -699,7 +699,11 @@ class MethodSuite:
             _assert_unchanged(before, _snapshot(backbone), "a refused merge changed the backbone")
             _exact(_out(m, x), unmerged, "a refused merge changed the outputs")
             return
-        m.merge()
+        try:
+            m.merge()
+        except MergeError as exc:
+            raise AssertionError(f"merges = True, but merge() raised MergeError ({exc}); set merges = False on "
+                                 "the suite if the method cannot merge") from exc
         m.merge()  # idempotent
         assert m.merged, "merge() did not mark the model merged"
         after = _snapshot(backbone)
@@ -745,7 +749,10 @@ class MethodSuite:
             _assert_unchanged(before, _snapshot(backbone), "a refused unwrap(merge=True) changed the backbone")
             _exact(_out(m, x), adapted, "a refused unwrap(merge=True) changed the outputs")
             return
-        plain = m.unwrap(merge=True)
+        try:
+            plain = m.unwrap(merge=True)
+        except MergeError as exc:
+            raise AssertionError(f"merges = True, but unwrap(merge=True) raised MergeError ({exc})") from exc
         assert plain is backbone, "unwrap(merge=True) did not return the backbone"
         _close(_out(plain.eval(), x), adapted, "the merged, unwrapped backbone gives other outputs", **_MERGE_TOL)
 

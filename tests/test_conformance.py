@@ -137,6 +137,10 @@ class ToyScale(peftkit.Adapter):
             self.unused = nn.Parameter(torch.ones(3))
         if bug == "unsaved":  # state the output depends on but the file does not hold
             self.register_buffer("noise", 1 + 0.1 * torch.rand(module.out_features), persistent=False)
+        if bug == "stores_base":  # a copy of the base weight, saved under the backbone's own tensor name
+            self.register_buffer("weight", module.weight.detach().clone())
+        if bug == "own_hook":  # a hook of its own on the backbone, which nothing removes
+            module.register_forward_hook(lambda mod, args, out: out * 1.01)
 
     def _s(self) -> torch.Tensor:
         return self.scale * self.noise if self.bug == "unsaved" else self.scale
@@ -188,6 +192,8 @@ def test_the_toy_without_a_bug_passes(toy: str) -> None:
     ("delta", "merge", "forms with and without autograd disagree"),
     ("dead", "gradients", "unused: zero gradient|unused: no gradient"),
     ("unsaved", "save_load", "the loaded adapter gives other outputs"),
+    ("stores_base", "file_contents", "backbone tensors of modules not trained whole: .'0.weight'"),
+    ("own_hook", "unwrap", "the unwrapped backbone gives other outputs"),
 ])
 def test_the_kit_catches_a_broken_method(toy: str, bug: str, check: str, message: str) -> None:
     with pytest.raises(AssertionError, match=message):
@@ -200,7 +206,7 @@ def test_the_kit_fails_a_method_that_applies_to_no_model(toy: str) -> None:
 
 
 @pytest.mark.parametrize(("method", "claims", "message"), [
-    ("serial_adapter", {"merges": True}, r"merge\[mlp\]: MergeError"),
+    ("serial_adapter", {"merges": True}, r"merge\[mlp\]: merges = True, but merge\(\) raised MergeError"),
     ("lora", {"merges": False}, "did not raise MergeError"),
     ("lora", {"options": {"init": False}}, "a fresh adapter changed the outputs"),
     ("lora", {"options": {"r": 16}, "max_file_ratio": 0.05}, "more than 0.05 x the backbone"),

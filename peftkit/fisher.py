@@ -220,7 +220,7 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
     flags = {n: all_params[n].requires_grad for n in params}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (some may be in eval already)
     bar = Progress(samples, "Fisher information", progress and dist.rank() == 0, unit="samples")
     seen = 0
 
@@ -280,7 +280,8 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
         for _, store, k, t in held:  # the model's own tensors, whatever torch.func did
             if store.get(k) is not t:
                 store[k] = t
-        model.train(was_training)
+        for m, mode in modes:  # parents first: each call resets the children, which come next
+            m.train(mode)
         for n, flag in flags.items():
             all_params[n].requires_grad_(flag)
         bar.close()

@@ -176,7 +176,8 @@ class BottleneckAdapter(peftkit.Adapter):
 
     @property
     def scale(self) -> torch.Tensor | float:
-        return self.learned_scale if self.learned_scale is not None else self.fixed_scale
+        # 0-dim: a (1,)-shaped tensor cannot multiply the nested tensors of nn.TransformerEncoder's packed path
+        return self.learned_scale.reshape(()) if self.learned_scale is not None else self.fixed_scale
 
     def _check(self, t: Any, want: int, what: str, module: nn.Module) -> torch.Tensor:
         dim = 1 if self.spatial else -1

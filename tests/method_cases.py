@@ -1,4 +1,5 @@
-"""The shared method suite's cases: a plugin joins the suite by adding one entry here."""
+"""Methods for tests/test_method_suite.py (the checks the conformance kit leaves out; every method also
+has a ``MethodSuite`` in tests/test_conformance.py)."""
 
 from __future__ import annotations
 

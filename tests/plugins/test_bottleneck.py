@@ -70,6 +70,19 @@ def test_layer_norm_and_learned_scale() -> None:
     assert a.learned_scale.grad is not None
 
 
+def test_learned_scale_on_a_packing_transformer_encoder() -> None:
+    """nn.TransformerEncoder's inference fast path packs padded batches into nested tensors, which a
+    (1,)-shaped learned scale cannot multiply."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2).eval()
+    x, pad = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        expected = enc(x, src_key_padding_mask=pad)
+    m = peftkit.wrap(enc, "parallel_adapter", reduction=4, scale="learned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, src_key_padding_mask=pad), expected)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_parallel_conv_beside_a_3x3_conv(stride: int) -> None:
     torch.manual_seed(0)

@@ -33,6 +33,15 @@ def test_vectorised_fisher_equals_the_loop(tiny: TinyModel) -> None:
     assert model.training  # mode restored
 
 
+def test_fisher_restores_every_module_s_own_mode() -> None:
+    tiny = TINY_MODELS[1]  # CNN with BatchNorm
+    model = tiny.fresh()
+    model.bn1.eval()  # e.g. frozen statistics, set by the user before wrapping
+    modes = [m.training for m in model.modules()]
+    peftkit.fisher_information(model, _data(tiny), samples=4, progress=False)
+    assert [m.training for m in model.modules()] == modes
+
+
 class _NeedsItem(nn.Module):  # .item() in forward: torch.func.vmap cannot take it
     def __init__(self) -> None:
         super().__init__()

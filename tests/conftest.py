@@ -107,5 +107,6 @@ def register_plugin() -> Iterator[Callable[[Any, str], None]]:
     try:
         yield register
     finally:
-        for n in names:
-            pm.unregister(name=n)
+        for n in dict.fromkeys(names):
+            if pm.get_plugin(n) is not None:
+                pm.unregister(name=n)

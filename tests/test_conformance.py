@@ -167,7 +167,7 @@ class Toy(peftkit.Method):
     name = "kit_toy"
     Config = ToyConfig
 
-    def build(self, path: str, module: nn.Module) -> peftkit.Adapter:
+    def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         return ToyScale(module, self.config.bug)
 
 

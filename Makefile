@@ -18,10 +18,12 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check peftkit plugins tests examples benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup
 	$(PY) -m ruff check peftkit plugins tests examples benchmarks
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) peftkit-demo

@@ -365,4 +365,5 @@ class Slot:
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:
     store, key = tensor_slot(module, name)
-    return store[key]
+    tensor: torch.Tensor = store[key]
+    return tensor

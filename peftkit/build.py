@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +82,12 @@ class Prepared:
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def method(self) -> Method:
+    def method(self) -> Method[Any]:
         """The configured method."""
         return self.plan.method
 
 
-def _takes_spec(method: Method) -> bool:
+def _takes_spec(method: Method[Any]) -> bool:
     """Whether ``method.build`` takes the spec (a plugin written for ``build(path, module)`` does not)."""
     params = list(inspect.signature(method.build).parameters.values())
     return len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
@@ -122,10 +122,11 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
 
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         takes_spec = _takes_spec(m)
+        make: Callable[..., object] = m.build  # also a plugin's build(path, module); what it returns is checked below
         adapters: list[Adapter] = []
         for p, spec in plan.targets.items():
             module = module_at(p)
-            adapter = m.build(p, module, spec) if takes_spec else m.build(p, module)  # type-checked below
+            adapter = make(p, module, spec) if takes_spec else make(p, module)
             if not isinstance(adapter, Adapter):
                 raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
             if any("spec" in vars(k) for k in type(adapter).__mro__ if k is not Adapter):
@@ -145,7 +146,7 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
     return Prepared(plan, AdapterSet(plan, adapters, copies, heads))
 
 
-def _check_runs(model: nn.Module, m: Method, path: str, adapter: Adapter) -> None:
+def _check_runs(model: nn.Module, m: Method[Any], path: str, adapter: Adapter) -> None:
     """Refuse a transform-only adapter on a module whose parent reads its weights directly (dead)."""
     host, prefix = host_of(model, path)
     if prefix and not adapter.has_delta:
@@ -157,7 +158,7 @@ def _check_runs(model: nn.Module, m: Method, path: str, adapter: Adapter) -> Non
                 f"would be dead. Target {host!r} instead.")
 
 
-def _fill(m: Method, path: str, adapter: Adapter, values: dict[str, torch.Tensor]) -> None:
+def _fill(m: Method[Any], path: str, adapter: Adapter, values: dict[str, torch.Tensor]) -> None:
     """Copy planned initial values into a freshly built adapter (keys and shapes must match)."""
     state = adapter.state_dict(keep_vars=True)
     for key, value in values.items():

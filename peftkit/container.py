@@ -252,7 +252,7 @@ def serialize(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], f: B
     for k in order:
         t = tensors[k].detach().contiguous().cpu()
         if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # a memoryview of the bytes, no copy
 
 
 def temporary_beside(dest: Path, suffix: str = ".tmp", directory: bool = False) -> str:

@@ -89,7 +89,8 @@ class SmallResNet(nn.Module):
         self.fc = nn.Linear(c, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
+        out: torch.Tensor = self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
+        return out
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _fit(model: nn.Module, task: Task, steps: int, lr: float, label: str, seed: 
             correct += (out["points"].argmax(1) == task.y[idx]).sum().item()
         seen += batch
         opt.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)  # what loss.backward() runs; Tensor.backward is unannotated
         opt.step()
         sched.step()
         bar.update(loss=loss.item(), train_acc=correct / seen)
@@ -132,7 +133,7 @@ def _fit(model: nn.Module, task: Task, steps: int, lr: float, label: str, seed: 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    out = torch.cat([model(b).argmax(1) for b in x.split(500)])
+    out = torch.cat([model(b).argmax(1) for b in torch.split(x, 500)])
     return (out == y).float().mean().item()
 
 
@@ -303,6 +304,7 @@ def run(out: str = "peftkit-demo", methods: str | None = None, quick: bool = Fal
     adapted = None
     ok = True
     for row in rows[2:]:
+        assert row.file is not None, f"no adapter file for {row.method}"  # every adapter's row has one
         start = time.perf_counter()
         if adapted is None:
             adapted = peftkit.load(fresh_backbone(weights), row.file, name=row.method)

@@ -143,8 +143,9 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     owned: dict[str, list[nn.Module]] = {p: [] for p in paths}
     for name in model.adapter_names:
         mods = model.get_adapter(name).modules
-        acting = [(acting_host(base, p, a)[0], a) for p, a in mods.items()] + list(mods.train_items())
-        if mods.heads is not None:
+        acting: list[tuple[str, nn.Module]] = [(acting_host(base, p, a)[0], a) for p, a in mods.items()]
+        acting += mods.train_items()
+        if mods.heads is not None and mods.heads_path is not None:
             acting.append((mods.heads_path, mods.heads))
         for where, module in acting:
             block = next((b for b in paths if is_under(where, [b])), None)
@@ -153,13 +154,13 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     grouped: set[nn.Parameter] = set()
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **fsdp_options}
     for p in paths:
-        block = base.get_submodule(p)
+        block_module = base.get_submodule(p)
         if not owned[p]:
-            fully_shard(block, **options)
+            fully_shard(block_module, **options)
             continue
         member = _GroupMember(owned[p])
-        fully_shard([block, member], **options)
-        block.register_forward_pre_hook(lambda _m, _a, member=member: member())
+        fully_shard([block_module, member], **options)
+        block_module.register_forward_pre_hook(lambda _m, _a, member=member: member())
         grouped.update(member.parameters())
     # the root's parameters are needed again as soon as the backward starts: keep them gathered
     fully_shard(model, ignored_params=grouped, **{**options, "reshard_after_forward": False})

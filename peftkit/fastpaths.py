@@ -80,7 +80,7 @@ class NestedEncoderGuard:
             if self._frames.pop() is not None:
                 self.encoder.use_nested_tensor = True
 
-    def _pre(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _pre(self, encoder: nn.TransformerEncoder, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         src, mask, padding = _call(args, kwargs)
         pads = None
         if torch.is_grad_enabled() and _would_pack(self.encoder, src, mask, padding) and self.trains_inside():
@@ -97,7 +97,7 @@ class NestedEncoderGuard:
             return None
         return (self._zero_pads(args[0]), *args[1:])
 
-    def _post(self, encoder: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def _post(self, encoder: nn.TransformerEncoder, args: tuple[Any, ...], output: Any) -> Any:
         if not self._frames:
             return None
         pads = self._frames[-1]

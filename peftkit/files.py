@@ -64,7 +64,7 @@ def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
         add(p, "target", modules.specs.get(p, {}))
     for p, _ in modules.train_items():
         add(p, "head", {"outputs": modules.fresh[p]}) if p in modules.fresh else add(p, "train", {})
-    if modules.heads is not None:
+    if modules.heads is not None and modules.heads_path is not None:
         add(modules.heads_path, "heads", {"heads": modules.heads.outputs()})
     return out
 
@@ -83,7 +83,7 @@ def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[s
     return {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
 
 
-def file_metadata(model: nn.Module, name: str, method: Method, info: MethodInfo, modules: AdapterSet) -> dict[str, str]:
+def file_metadata(model: nn.Module, name: str, method: Method[Any], info: MethodInfo, modules: AdapterSet) -> dict[str, str]:
     """The metadata an adapter file stores for adapter ``name`` of ``model`` (a backbone): the
     method and its plugin, the config, the plan (targets table) and the backbone's fingerprint."""
     described = describe_targets(model, modules)
@@ -217,7 +217,7 @@ def _check_target(path: Any, entry: Any, where: str) -> None:
 
 def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
     modules = dict(model.named_modules())
-    problems = []
+    problems: list[str] = []
     for path, want in header.targets.items():
         m = modules.get(path)
         if m is None:
@@ -252,7 +252,7 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
             "(same architecture, other values). Load it onto the exact pretrained weights it was trained on.")
 
 
-def _method(header: AdapterHeader) -> tuple[MethodInfo, Method]:
+def _method(header: AdapterHeader) -> tuple[MethodInfo, Method[Any]]:
     """The installed method the file needs, configured from the file (refused with a safe message)."""
     where = repr(str(header.path))
     try:
@@ -275,7 +275,7 @@ def _method(header: AdapterHeader) -> tuple[MethodInfo, Method]:
                                f"{str(exc)[:200]}") from None
 
 
-def plan_from_header(header: AdapterHeader, method: Method, info: MethodInfo) -> AdapterPlan:
+def plan_from_header(header: AdapterHeader, method: Method[Any], info: MethodInfo) -> AdapterPlan:
     """The plan a file's targets table stores: targets with their specs, trained modules, fresh
     output layers, multi-task heads (the values come from the file's tensors)."""
     roles = {p: t["role"] for p, t in header.targets.items()}
@@ -354,7 +354,7 @@ def _fingerprint_key(backbone: dict[str, Any]) -> str:
     return "backbone+values" if backbone.get("values") is not None else "backbone"
 
 
-def read_swap(model: nn.Module, name: str, method: Method, modules: AdapterSet, cache: dict[str, Any],
+def read_swap(model: nn.Module, name: str, method: Method[Any], modules: AdapterSet, cache: dict[str, Any],
               path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
     """Read a file to be swapped into an existing adapter (a hot swap), checking that it fits.
 
@@ -385,7 +385,7 @@ def read_swap(model: nn.Module, name: str, method: Method, modules: AdapterSet, 
     return values, lambda: _validate(header, model, modules)
 
 
-def check_swappable(model: nn.Module, name: str, method: Method, modules: AdapterSet, cache: dict[str, Any],
+def check_swappable(model: nn.Module, name: str, method: Method[Any], modules: AdapterSet, cache: dict[str, Any],
                     header: AdapterHeader) -> None:
     """Whether a file can be swapped into adapter ``name`` (same method, options, targets, backbone);
     ``cache`` keeps what was computed for the adapter, reused while the backbone is unchanged."""

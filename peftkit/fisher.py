@@ -14,7 +14,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from .progress import Progress
 __all__ = ["candidate_names", "default_loss", "fisher_information", "fisher_mask", "select_top"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+_T = TypeVar("_T")
 
 
 def _map(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -39,6 +40,23 @@ def _map(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return batch
 
 
+def _restorer(store: dict[str, _T]) -> Callable[[], None]:
+    """What puts back the values ``store`` (a module's ``_parameters`` or ``_buffers``) holds now."""
+    kept = list(store.items())
+
+    def restore() -> None:
+        for k, t in kept:
+            if store.get(k) is not t:
+                store[k] = t
+
+    return restore
+
+
+def _rows(start: int | None, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t[start:stop]`` for each tensor ``t`` (with :func:`_map`)."""
+    return lambda t: t[start:stop]
+
+
 def _size(batch: Any) -> int:
     found: list[int] = []
     _map(batch, lambda t: found.append(t.shape[0]))
@@ -48,7 +66,8 @@ def _size(batch: Any) -> int:
 
 
 def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
+    logits: torch.Tensor = out.logits if hasattr(out, "logits") else out
+    return logits
 
 
 def default_loss(model: Any, batch: Any) -> torch.Tensor:
@@ -58,7 +77,8 @@ def default_loss(model: Any, batch: Any) -> torch.Tensor:
         out = model(**batch)
         if getattr(out, "loss", None) is None:
             raise ConfigError("the model returned no .loss for a dict batch; include 'labels' or pass loss_fn")
-        return out.loss
+        loss: torch.Tensor = out.loss
+        return loss
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ConfigError("the default loss takes (x, y) batches; pass loss_fn(model, batch) -> loss for others")
     return F.cross_entropy(_logits(model(batch[0])), batch[1])
@@ -95,18 +115,22 @@ def _vmap_grads(model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tenso
         one = _map(sample, lambda t: t.unsqueeze(0))
         return loss_fn(_Functional(model, {**consts, **p}), one)
 
-    return torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0))(params, chunk)
+    grads: dict[str, torch.Tensor] = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0))(params, chunk)
+    return grads
 
 
 def _loop_grads(model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tensor], chunk: Any,
                 totals: dict[str, torch.Tensor]) -> None:
     for i in range(_size(chunk)):
-        one = _map(chunk, lambda t, i=i: t[i:i + 1])
+        one = _map(chunk, _rows(i, i + 1))
         grads = torch.autograd.grad(loss_fn(model, one), list(params.values()), allow_unused=True)
         for (n, _), g in zip(params.items(), grads, strict=True):
             if g is not None:
                 totals[n] += g.detach().float().pow(2)
 
+
+# fisher_information(vectorize=...) -> how per-sample gradients are computed
+_WAYS: dict[bool | str, str] = {True: "vmap", False: "loop", "vmap": "vmap", "loop": "loop", "auto": "auto"}
 
 _PROBE = 4  # samples timed per way by vectorize="auto", after one warm-up sample each
 
@@ -122,7 +146,7 @@ def _pick_faster(part: Any, vmap_part: Callable[[Any], None], loop_part: Callabl
     n = _size(part)
     if n < 2 * (_PROBE + 1):  # too few samples to measure: vmap, which falls back to the loop
         return "vmap", part
-    pieces = [_map(part, lambda t, a=a, b=b: t[a:b]) for a, b in
+    pieces = [_map(part, _rows(a, b)) for a, b in
               ((0, 1), (1, 1 + _PROBE), (1 + _PROBE, 2 + _PROBE), (2 + _PROBE, 2 + 2 * _PROBE))]
     seconds = {}
     for way, run, (warm, timed) in (("vmap", vmap_part, pieces[:2]), ("loop", loop_part, pieces[2:])):
@@ -254,32 +278,31 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
         bar.update(_size(part))
         return "loop"
 
-    how = {True: "vmap", False: "loop"}.get(vectorize, vectorize)  # type: ignore[call-overload]
-    if how not in ("vmap", "loop", "auto"):
+    how = _WAYS.get(vectorize)
+    if how is None:
         raise ConfigError(f"vectorize={vectorize!r} is invalid; expected 'auto', True (torch.func.vmap) or False "
                           "(a per-sample loop)")
     if how != "loop" and len(list(model.named_modules(remove_duplicate=False))) != len(list(model.named_modules())):
         # a module reachable under two names: torch.func.functional_call leaves a wrapper in its place
         # (torch 2.14), so the loop does it
         how = "loop"
-    held = [(m, store, k, t) for m in model.modules() for store in (m._parameters, m._buffers) for k, t in store.items()]
+    held = [restore for m in model.modules() for restore in (_restorer(m._parameters), _restorer(m._buffers))]
     model.eval()
     try:
         for batch in data:
             take = min(_size(batch), samples - seen)
-            batch = _map(batch, lambda t, take=take: t[:take])
+            batch = _map(batch, _rows(None, take))
             if fisher == "expected":
                 batch = _with_sampled_labels(model, batch, gen)
             for start in range(0, take, chunk):
-                part = _map(batch, lambda t, start=start: t[start:start + chunk])
+                part = _map(batch, _rows(start, start + chunk))
                 how = accumulate(part, how)
             seen += take
             if seen >= samples:
                 break
     finally:
-        for _, store, k, t in held:  # the model's own tensors, whatever torch.func did
-            if store.get(k) is not t:
-                store[k] = t
+        for restore in held:  # the model's own tensors, whatever torch.func did
+            restore()
         for m, mode in modes:  # parents first: each call resets the children, which come next
             m.train(mode)
         for n, flag in flags.items():

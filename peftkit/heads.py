@@ -24,8 +24,10 @@ def fresh_layer(layer: nn.Module, outputs: int) -> nn.Module:
     if isinstance(layer, nn.Linear):
         return nn.Linear(layer.in_features, outputs, bias=layer.bias is not None, **kw)
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return type(layer)(layer.in_channels, outputs, layer.kernel_size, layer.stride, layer.padding,
-                           layer.dilation, 1, layer.bias is not None, layer.padding_mode, **kw)
+        # the layer's own class, given its own settings back (its stubs type them as tuples of any length)
+        conv: Callable[..., nn.Module] = type(layer)
+        return conv(layer.in_channels, outputs, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, 1, layer.bias is not None, layer.padding_mode, **kw)
     raise TargetError(f"head= needs a Linear or Conv output layer, found {type(layer).__name__}; "
                       "replace the layer yourself and use train=[...]")
 
@@ -49,7 +51,9 @@ class MultiHead(Adapter):
 
 
 def _outputs(layer: nn.Module) -> int:
-    return int(layer.weight.shape[0])
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor), f"a head's weight is a {type(weight).__name__}"  # fresh_layer made it
+    return int(weight.shape[0])
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
@@ -87,4 +91,7 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, to
     weights = weights or {}
     parts = {h: losses[h](outputs[h], targets[h]) for h in outputs}
     total = sum(weights.get(h, 1.0) * v for h, v in parts.items())
-    return total, {h: v.detach() for h, v in parts.items()}  # type: ignore[return-value]
+    detached = {h: v.detach() for h, v in parts.items()}
+    if not isinstance(total, torch.Tensor):  # no outputs at all: sum() of nothing is the int 0
+        raise ConfigError("multitask_loss: no outputs to combine; give each head's output, e.g. {'count': logits}")
+    return total, detached

@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import json
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -27,9 +27,16 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .targets import output_layers
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from typing_extensions import Self
+
 __all__ = [
     "Adapter", "Delta", "LowRankDelta", "Method", "Plan", "PlanContext", "SparseDelta", "add_delta", "detach_delta",
 ]
+
+# A method's config type (its Config dataclass): class LoRA(Method[LoraConfig])
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,13 +234,14 @@ class Plan:
     values: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
-class Method:
+class Method(Generic[ConfigT]):
     """Base class of a PEFT method. A plugin registers subclasses through ``register_methods``.
 
     A subclass sets ``name`` and ``Config`` and implements :meth:`build`; that is all a method
     needs (see ``docs/plugins.md``). One instance serves one adapter: ``self.config`` holds its
     validated config, and no hook stores anything on the instance for another to read (what one
-    step decides is returned, in a :class:`Plan`).
+    step decides is returned, in a :class:`Plan`). A subclass names its config type as the type
+    parameter, ``class LoRA(peftkit.Method[LoraConfig])``, so that ``self.config`` is typed.
 
     Hooks, in the order they run when wrapping (loading a file calls :meth:`build` only, with the
     specs the file saved):
@@ -266,12 +274,12 @@ class Method:
     adapts_targets: ClassVar[bool] = True
     follows_ties: ClassVar[bool] = False
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self, config: ConfigT) -> None:
+        self.config: ConfigT = config
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
-    def configure(cls, **options: Any) -> Method:
+    def configure(cls, **options: Any) -> Self:
         """Build an instance from keyword options, validating names and values.
 
         Raises:
@@ -301,7 +309,7 @@ class Method:
         return json.dumps(saved, separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Method:
+    def from_json(cls, text: str) -> Self:
         """Rebuild an instance from :meth:`config_json` output."""
         return cls.configure(**json.loads(text))
 

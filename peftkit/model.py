@@ -11,7 +11,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ class HeldAdapter:
     checked: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def method(self) -> Method:
+    def method(self) -> Method[Any]:
         """The configured method."""
         return self.plan.method
 
@@ -111,14 +111,17 @@ class AdaptedModel(nn.Module):
             self, _release_backbone, self._slots, self._guards, self.base_model, self._orig_grad, self._orig_training)
         self._finalizer.atexit = False
 
+    # nn.Module's __getstate__, __setstate__ and _apply carry no annotations: their types are given here
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        parent: Callable[[], dict[str, Any]] | None = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
         state.pop("_finalizer", None)
         state.pop("_lock", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        parent: Callable[[dict[str, Any]], None] = super().__setstate__
+        parent(state)
         self.__dict__["_lock"] = threading.RLock()
         if not self.__dict__.get("_detached"):
             self._watch()
@@ -172,7 +175,8 @@ class AdaptedModel(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
         # .to(), .half(), .cuda(), ...: the folded weights were computed from the old tensors
-        out = super()._apply(fn, recurse)
+        parent: Callable[[Any, bool], AdaptedModel] = super()._apply  # returns self
+        out = parent(fn, recurse)
         self.clear_cache()
         return out
 
@@ -209,7 +213,8 @@ class AdaptedModel(nn.Module):
     def cache_weights(self) -> bool:
         """Whether inference (no autograd) reuses the folded weights ``W + delta`` until an adapter
         changes (default True: as fast as merged, at the memory of one copy of the adapted weights)."""
-        return self.__dict__.get("_cache_weights", True)
+        cache: bool = self.__dict__.get("_cache_weights", True)
+        return cache
 
     @cache_weights.setter
     def cache_weights(self, value: bool) -> None:
@@ -227,7 +232,7 @@ class AdaptedModel(nn.Module):
         """Names of every adapter held, active or not."""
         return list(self._records)
 
-    def add_adapter(self, name: str, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
+    def add_adapter(self, name: str, method: str | Method[Any], *, targets: Selection = None, exclude: Selection = None,
                     train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
                     example_input: Any = None, **options: Any) -> None:
         """Add a new adapter (inactive until :meth:`set_adapter`).

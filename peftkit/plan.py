@@ -38,7 +38,7 @@ class AdapterPlan:
         values: Target path -> initial values of adapter tensors decided when planning (wrap only).
     """
 
-    method: Method
+    method: Method[Any]
     info: MethodInfo
     targets: dict[str, dict[str, Any]]
     train: list[str] = field(default_factory=list)
@@ -57,7 +57,7 @@ _RETIRED = {
 }
 
 
-def _check_protocol(cls: type[Method]) -> None:
+def _check_protocol(cls: type[Method[Any]]) -> None:
     retired = [h for h in _RETIRED if any(h in vars(k) for k in cls.__mro__ if k is not Method and k is not object)]
     if retired:
         raise PluginError(
@@ -66,7 +66,7 @@ def _check_protocol(cls: type[Method]) -> None:
             + ". See docs/plugins.md.")
 
 
-def configured(method: str | Method, options: dict[str, Any]) -> tuple[Method, MethodInfo]:
+def configured(method: str | Method[Any], options: dict[str, Any]) -> tuple[Method[Any], MethodInfo]:
     """The method instance for ``method`` (a registered name, or an instance) and its registration.
 
     Raises:
@@ -99,7 +99,7 @@ def _outermost(model: nn.Module, paths: list[str]) -> list[str]:
     return sorted((p for p in unique if not is_under(p, [q for q in unique if q != p])), key=order.__getitem__)
 
 
-def make_plan(model: nn.Module, method: str | Method, *, targets: Selection = None, exclude: Selection = None,
+def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection = None, exclude: Selection = None,
               train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
               example_input: Any = None, **options: Any) -> AdapterPlan:
     """Plan an adapter of ``method`` for ``model`` from ``wrap``'s arguments, without touching ``model``.
@@ -125,7 +125,9 @@ def make_plan(model: nn.Module, method: str | Method, *, targets: Selection = No
     trained = sum(p.numel() for t in train_paths if t not in fresh for p in model.get_submodule(t).parameters())
     for n in ([head] if head is not None else []) + list((heads or {}).values()):
         layer = model.get_submodule(output or "")  # a fresh layer of n outputs: n rows of weight, n biases
-        trained += layer.weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor), type(weight).__name__  # the output layer is a projection
+        trained += weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
     paths = _targets(model, m, targets, exclude, avoid)
     context = PlanContext(model=model, targets=paths, explicit=targets is not None, train=list(avoid),
                           trained_parameters=trained, output_layer=output, replaced=replaced)
@@ -143,7 +145,7 @@ def make_plan(model: nn.Module, method: str | Method, *, targets: Selection = No
                        {p: dict(v) for p, v in decided.values.items() if p in planned})
 
 
-def plan_for(model: nn.Module, method: Method, targets: list[str], train: list[str] | None = None) -> AdapterPlan:
+def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: list[str] | None = None) -> AdapterPlan:
     """The plan of ``method`` for exactly these target paths and trained modules, as when the user
     names them (for a format plugin importing another library's adapter): the method's
     :meth:`~peftkit.Method.plan` still has the last word, but nothing is selected by pattern.
@@ -173,7 +175,7 @@ def _exists(model: nn.Module, path: str) -> bool:
     return True
 
 
-def _targets(model: nn.Module, m: Method, targets: Selection, exclude: Selection, avoid: list[str]) -> list[str]:
+def _targets(model: nn.Module, m: Method[Any], targets: Selection, exclude: Selection, avoid: list[str]) -> list[str]:
     """The selected target paths: the user's, or the method's defaults (minus ``exclude`` and ``avoid``)."""
     if not m.adapts_targets:
         if targets is not None:

@@ -53,7 +53,7 @@ class MethodInfo:
     distribution: str
     version: str
     doc: str
-    cls: type[Method]
+    cls: type[Method[Any]]
 
 
 def _is_builtin(ep: metadata.EntryPoint) -> bool:

@@ -58,8 +58,10 @@ def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, **gr
 
     groups: dict[int, dict[str, Any]] = {}
     for name in model.active_adapters:
-        mods = model.peft_adapters[name]
-        owned = [*mods.items(), *mods.train_items()] + ([(mods.heads_path, mods.heads)] if mods.heads is not None else [])
+        mods = model.get_adapter(name).modules  # the AdapterSet in model.peft_adapters[name]
+        owned: list[tuple[str, nn.Module]] = [*mods.items(), *mods.train_items()]
+        if mods.heads is not None and mods.heads_path is not None:
+            owned.append((mods.heads_path, mods.heads))
         for path, module in owned:
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:

@@ -7,10 +7,13 @@ builds the user-facing ``shard()`` on them and re-exports the public ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "all_reduce_sum", "assign", "full_tensor", "initialized", "is_dtensor", "is_sharded", "original_class", "rank",
@@ -41,7 +44,7 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (e.g. an FSDP2-sharded parameter)."""
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)

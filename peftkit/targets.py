@@ -15,15 +15,19 @@ import difflib
 import functools
 import inspect
 import re
+import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import TargetError
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
 
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
@@ -37,14 +41,15 @@ def _as_list(selection: Selection) -> list[Selector]:
     if selection is None:
         return []
     if isinstance(selection, (str, type)) or callable(selection):
-        return [selection]  # type: ignore[list-item]
+        return [selection]
     return list(selection)
 
 
-try:  # the regular-expression parser of the re module (private, stable since Python 3.0)
-    from re import _parser as _sre  # type: ignore[attr-defined]
-except ImportError:  # Python 3.10
-    import sre_parse as _sre  # type: ignore[no-redef]
+# the regular-expression parser of the re module (private, stable since Python 3.0)
+if sys.version_info >= (3, 11):
+    from re import _parser as _sre
+else:
+    import sre_parse as _sre
 
 MAX_PATTERN = 500  # characters
 MAX_OPEN_REPEATS = 4  # unbounded repeats (*, +, {n,}) in one pattern: a polynomial of at most this degree
@@ -97,14 +102,14 @@ def pattern_problem(pattern: str) -> str | None:
 
 def matches(selector: Selector, path: str, module: nn.Module | None = None) -> bool:
     """Whether one selector (name, dotted suffix, full-match regex, type or callable) picks ``path``."""
-    return (isinstance(selector, str) and _by_name(selector, path)) or _by_pattern(selector, path, module)  # type: ignore[arg-type]
+    return (isinstance(selector, str) and _by_name(selector, path)) or _by_pattern(selector, path, module)
 
 
 def _by_name(selector: str, path: str) -> bool:
     return path == selector or path.endswith("." + selector)
 
 
-def _by_pattern(selector: Selector, path: str, module: nn.Module) -> bool:
+def _by_pattern(selector: Selector, path: str, module: nn.Module | None) -> bool:
     if isinstance(selector, str):
         try:
             return re.fullmatch(selector, path) is not None
@@ -113,7 +118,8 @@ def _by_pattern(selector: Selector, path: str, module: nn.Module) -> bool:
     if isinstance(selector, type):
         return isinstance(module, selector)
     if callable(selector):
-        return bool(selector(path, module))
+        picks: Callable[[str, Any], object] = selector  # given None where matches() was called without a module
+        return bool(picks(path, module))
     raise TargetError(
         f"bad target selector {selector!r} ({type(selector).__name__}); expected a module name, "
         "a dotted suffix, a regex string, a module type, or a callable (path, module) -> bool"
@@ -354,10 +360,10 @@ def _declared_outputs(model: nn.Module) -> OutputLayers | None:
     head = [(p, m) for p, m in model.named_modules() if p and _leaf_with_params(m) and not is_under(p, [base_path])]
     if not head:
         return OutputLayers(lm_head) if lm_head else None
-    found = _ordered_outputs(model, head)
-    if lm_head and found.path and found.path != lm_head:
-        return OutputLayers(None, (lm_head, found.path), "it has several task heads")
-    return found
+    ordered = _ordered_outputs(model, head)
+    if lm_head and ordered.path and ordered.path != lm_head:
+        return OutputLayers(None, (lm_head, ordered.path), "it has several task heads")
+    return ordered
 
 
 _DETECTION_PREDICTORS = {"cls_score", "bbox_pred", "cls_logits", "bbox_reg", "bbox_ctrness", "kps_score_lowres",
@@ -411,7 +417,8 @@ def _traced_outputs(model: nn.Module, example_input: Any) -> list[str]:
     seen: set[Any] = set()
     if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
         out = out["logits"]  # a Hugging Face output: the task's predictions, not the hidden states beside them
-    stack = [t.grad_fn for t in _flatten(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    stack: list[Node | None] = [t.grad_fn for t in _flatten(out)
+                                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -508,7 +515,13 @@ def _forward_source(cls: type) -> str:
 def attributes_read(ancestor: nn.Module, rel: str) -> set[str]:
     """The attributes of submodule ``rel`` that ``ancestor``'s forward reads (``self.conv1.stride``,
     ``self.proj.weight``), calls excluded (``self.proj(x)``, ``self.proj.forward(x)``)."""
-    return set(_source_attributes(type(ancestor), rel))
+    return set(_source_attributes(_class(ancestor), rel))
+
+
+def _class(module: nn.Module) -> type:
+    """``type(module)`` as a plain ``type``, the key of the caches below (mypy takes a ``type[X]`` for
+    unhashable: it checks X's ``__hash__`` unbound)."""
+    return type(module)
 
 
 @functools.cache
@@ -523,12 +536,12 @@ def reads_directly(ancestor: nn.Module, rel: str) -> bool:
     (``self.conv1.stride``) is not reading it."""
     child = ancestor.get_submodule(rel)
     names = tuple(sorted({*child._parameters, *child._buffers}))
-    return bool(names) and _source_reads(type(ancestor), rel, names)
+    return bool(names) and _source_reads(_class(ancestor), rel, names)
 
 
 def calls_forward(ancestor: nn.Module, rel: str) -> bool:
     """Whether ``ancestor``'s code calls its submodule ``rel`` (so its hooks run)."""
-    return _source_calls(type(ancestor), rel)
+    return _source_calls(_class(ancestor), rel)
 
 
 _METADATA = r"dtype|shape|device|size|dim|ndim|numel|nelement|element_size|requires_grad|data_ptr|is_\w+|layout|names"

@@ -120,13 +120,15 @@ class ConvNet(nn.Module):
         self.fc = nn.Linear(width, 5)
         with torch.no_grad():  # statistics as after pre-training, not the neutral 0 and 1
             for bn in (self.bn1, self.bn2):
+                assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats
                 bn.running_mean.normal_(0.0, 0.2)
                 bn.running_var.uniform_(0.5, 1.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
         h = torch.relu(self.bn2(self.conv2(h)))
-        return self.fc(h.mean(dim=(2, 3)))
+        out: torch.Tensor = self.fc(h.mean(dim=(2, 3)))
+        return out
 
 
 class TransformerClassifier(nn.Module):
@@ -146,7 +148,8 @@ class TransformerClassifier(nn.Module):
             warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
             h = self.encoder(self.embed(ids), src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).to(h.dtype)
-        return self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+        out: torch.Tensor = self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+        return out
 
 
 class LSTMClassifier(nn.Module):
@@ -159,8 +162,9 @@ class LSTMClassifier(nn.Module):
         self.head = nn.Linear(width, 5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embed(ids))
-        return self.head(out[:, -1])
+        states, _ = self.lstm(self.embed(ids))
+        out: torch.Tensor = self.head(states[:, -1])
+        return out
 
 
 def _images(g: torch.Generator) -> torch.Tensor:
@@ -301,15 +305,17 @@ def _flags(module: nn.Module) -> tuple[list[bool], list[bool]]:
 
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x)
+        out: torch.Tensor = model(x)
+        return out
 
 
 def _exact(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=lambda m: f"{what}\n{m}")
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, **tol: float) -> None:
-    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}\n{m}")
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, *, rtol: float | None = None,
+           atol: float | None = None) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}\n{m}")
 
 
 def _loss(model: nn.Module, example: Example) -> torch.Tensor:
@@ -329,7 +335,7 @@ def _train(m: peftkit.AdaptedModel, example: Example, steps: int = _STEPS) -> No
         loss = _loss(m, example)
         assert torch.isfinite(loss), f"the training loss is {loss.item()}"
         opt.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)  # what loss.backward() runs; Tensor.backward is unannotated
         opt.step()
 
 
@@ -359,7 +365,7 @@ def _whole_modules(path: Path) -> list[str]:
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int | torch.SymInt]] = set()
     total = 0
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
@@ -604,7 +610,7 @@ class MethodSuite:
         m = self.wrap(model, backbone)
         _perturb(m)
         m.train()
-        _loss(m, model.example()).backward()
+        torch.autograd.backward(_loss(m, model.example()))
         problems = []
         for n, p in _trainable(m).items():
             if p.grad is None:
@@ -819,7 +825,8 @@ class MethodSuite:
         backbone = model.build()
         before, flags = _snapshot(backbone), _flags(backbone)
         try:
-            self.wrap(model, backbone, **{_NO_SUCH_OPTION: 1})
+            unknown: dict[str, Any] = {_NO_SUCH_OPTION: 1}
+            self.wrap(model, backbone, **unknown)
         except ConfigError as exc:
             assert _NO_SUCH_OPTION in str(exc), f"the ConfigError does not name the unknown option: {exc}"
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,13 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
+from peftkit.method import Delta
 from peftkit.targets import forward_source, is_projection, output_layers
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS: dict[int, type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -88,6 +92,7 @@ def _sizes(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return layer.in_channels, layer.out_channels
     w = layer.weight
+    assert isinstance(w, torch.Tensor), f"{type(layer).__name__}.weight is a {type(w).__name__}"  # a projection's
     if type(layer).__name__ == "Conv1D":  # Hugging Face: weight (in, out)
         return int(w.shape[0]), int(w.shape[1])
     return int(w.shape[1]), int(w.shape[0])
@@ -139,30 +144,36 @@ class BottleneckAdapter(peftkit.Adapter):
         self.dims = spatial_dims(module)
         self.spatial = self.dims > 0
         like = next(module.parameters())
-        kw = {"device": like.device, "dtype": like.dtype}
-        conv_layer = isinstance(module, tuple(_CONVS.values()))
-        bias = not conv_layer or module.bias is not None  # conv adapters follow the conv (BN follows it)
+        device, dtype = like.device, like.dtype
+        target_conv = module if isinstance(module, _CONV_TYPES) else None
+        conv_layer = target_conv is not None
+        bias = target_conv is None or target_conv.bias is not None  # conv adapters follow the conv (BN follows it)
+        self.down: _Conv | nn.Linear
+        self.up: _Conv | nn.Linear
+        self.norm: nn.GroupNorm | nn.LayerNorm | nn.Identity
         if self.spatial:
-            if parallel and conv_layer and not _same_padded(module):
+            if parallel and target_conv is not None and not _same_padded(target_conv):
                 raise TargetError(f"parallel_adapter needs a 'same'-padded conv (odd kernel, padding = dilation*(k-1)/2) "
                                   f"so a 1x1 conv beside it gives the same output size; got {module}")
-            conv = _CONVS[self.dims]
-            stride = module.stride if parallel and conv_layer else 1  # beside a block: strided at call time
-            self.down = conv(d_in, hidden, 1, stride=stride, bias=bias, **kw)
-            self.up = conv(hidden, d_out, 1, bias=bias, **kw)
-            self.norm = nn.GroupNorm(1, d_in, **kw) if c.layer_norm else nn.Identity()
+            # the conv class of the target's dims, given the target's own stride (typed there as a tuple of any length)
+            conv: Callable[..., _Conv] = _CONVS[self.dims]
+            # beside a block: strided at call time
+            stride = target_conv.stride if parallel and target_conv is not None else 1
+            self.down = conv(d_in, hidden, 1, stride=stride, bias=bias, device=device, dtype=dtype)
+            self.up = conv(hidden, d_out, 1, bias=bias, device=device, dtype=dtype)
+            self.norm = nn.GroupNorm(1, d_in, device=device, dtype=dtype) if c.layer_norm else nn.Identity()
         else:
-            self.down = nn.Linear(d_in, hidden, bias=bias, **kw)
-            self.up = nn.Linear(hidden, d_out, bias=bias, **kw)
-            self.norm = nn.LayerNorm(d_in, **kw) if c.layer_norm else nn.Identity()
+            self.down = nn.Linear(d_in, hidden, bias=bias, device=device, dtype=dtype)
+            self.up = nn.Linear(hidden, d_out, bias=bias, device=device, dtype=dtype)
+            self.norm = nn.LayerNorm(d_in, device=device, dtype=dtype) if c.layer_norm else nn.Identity()
         self.act = ACTIVATIONS[c.activation]()
         self.dropout = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
         # shape (1,), not a scalar: FSDP2 shards parameters on dim 0 and refuses 0-dim parameters
-        self.learned_scale = nn.Parameter(torch.ones(1, **kw)) if c.scale == "learned" else None
+        self.learned_scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if c.scale == "learned" else None
         self.fixed_scale = 1.0 if c.scale == "learned" else float(c.scale)
         self._strided_at_call = parallel and self.spatial and not conv_layer
         self._foldable = (parallel and c.activation == "identity" and not c.layer_norm
-                          and (isinstance(module, nn.Linear) or (conv_layer and module.groups == 1)))
+                          and (isinstance(module, nn.Linear) or (target_conv is not None and target_conv.groups == 1)))
         with torch.no_grad():
             if c.init == "houlsby":
                 for lin in (self.down, self.up):
@@ -193,7 +204,8 @@ class BottleneckAdapter(peftkit.Adapter):
 
     def _down(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not self._strided_at_call:
-            return self.down(z)
+            down: torch.Tensor = self.down(z)
+            return down
         # beside a (possibly downsampling) block: the 1x1 conv takes the stride that gives the output's size
         stride = [math.ceil(a / b) for a, b in zip(z.shape[2:], out.shape[2:], strict=True)]
         h = _CONV_FN[self.dims](z, self.down.weight, self.down.bias, stride=stride)
@@ -203,7 +215,8 @@ class BottleneckAdapter(peftkit.Adapter):
         return h
 
     def residual(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.dropout(self.act(self._down(self.norm(z), out))))
+        up: torch.Tensor = self.up(self.dropout(self.act(self._down(self.norm(z), out))))
+        return self.scale * up
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         h = self._check(output[0] if isinstance(output, tuple) else output, self.d_out, "output", module)
@@ -219,7 +232,7 @@ class BottleneckAdapter(peftkit.Adapter):
         # folds into a Linear/Conv target: W += s * U @ D (a 1x1 path is the centre tap of a k x k kernel).
         return self._foldable
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+    def delta(self, module: nn.Module) -> dict[str, Delta] | None:
         if not self._foldable:
             return None
         s = self.scale
@@ -227,17 +240,21 @@ class BottleneckAdapter(peftkit.Adapter):
         d = self.down.weight.reshape(self.down.weight.shape[0], -1)  # (hidden, in)
         w = s * (u @ d)  # (out, in)
         if self.spatial:
+            assert isinstance(module, _CONV_TYPES), type(module).__name__  # foldable: a Linear or a conv
             kernel = torch.zeros_like(module.weight)
             centre = tuple(k // 2 for k in module.kernel_size)
-            kernel[(slice(None), slice(None), *centre)] = w
+            index: tuple[slice | int, ...] = (slice(None), slice(None), *centre)
+            kernel[index] = w
             w = kernel
-        deltas = {"weight": w}
+        deltas: dict[str, Delta] = {"weight": w}
         if self.up.bias is not None:
-            deltas["bias"] = s * (u @ self.down.bias + self.up.bias)
+            down_bias = self.down.bias
+            assert down_bias is not None  # down and up are built with the same bias flag
+            deltas["bias"] = s * (u @ down_bias + self.up.bias)
         return deltas
 
 
-def _same_padded(conv: nn.Module) -> bool:
+def _same_padded(conv: _Conv) -> bool:
     """Odd kernels with padding = dilation * (k - 1) / 2: a 1x1 conv beside it gives the same size."""
     if isinstance(conv.padding, str):
         return conv.padding == "same" and all(k % 2 == 1 for k in conv.kernel_size)
@@ -293,7 +310,7 @@ def _residual_blocks(modules: dict[str, nn.Module], skip: list[str]) -> list[str
         m = modules[path]
         layers = _projections(m)
         return (path in items and not isinstance(m, _CONTAINERS) and len(layers) >= 2 and spatial_dims(m) > 0
-                and not _branches(m) and not _concatenates(type(m)))
+                and not _branches(m) and not _concatenates(_class(m)))
 
     blocks: list[str] = []
     for path in modules:
@@ -305,6 +322,11 @@ def _residual_blocks(modules: dict[str, nn.Module], skip: list[str]) -> list[str
             continue
         blocks.append(path)
     return blocks
+
+
+def _class(module: nn.Module) -> type:
+    """``type(module)`` as a plain ``type``, the key of a cache (mypy takes a ``type[X]`` for unhashable)."""
+    return type(module)
 
 
 @functools.cache
@@ -353,7 +375,7 @@ def default_targets(model: nn.Module, placement: str, parallel: bool = False) ->
     keep = set(ffn if placement == "pfeiffer" else attention + ffn) | set(_residual_blocks(modules, layers)) | set(recurrent)
     if keep:
         return [p for p in modules if p in keep]
-    convs = [p for p, m in modules.items() if isinstance(m, tuple(_CONVS.values()))
+    convs = [p for p, m in modules.items() if isinstance(m, _CONV_TYPES)
              and math.prod(m.kernel_size) > 1 and not (m.groups > 1 and m.groups == m.in_channels)
              and (not parallel or _same_padded(m))]
     if convs:
@@ -362,7 +384,7 @@ def default_targets(model: nn.Module, placement: str, parallel: bool = False) ->
     return [p for p, m in modules.items() if isinstance(m, nn.Linear) and p not in heads]
 
 
-class _Bottleneck(peftkit.Method):
+class _Bottleneck(peftkit.Method[BottleneckConfig]):
     Config = BottleneckConfig
     parallel = False
 

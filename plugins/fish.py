@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ import peftkit
 from peftkit.attach import TensorStamp
 from peftkit.errors import ConfigError, TargetError
 from peftkit.fisher import candidate_names, fisher_mask
-from peftkit.method import SparseDelta
+from peftkit.method import Delta, SparseDelta
 
 _RUNTIME = {"runtime": True}
 _SKIP = 0  # a gap code meaning "advance 65535 positions, select nothing"
@@ -121,11 +121,11 @@ class FishDelta(peftkit.Adapter):
             if count and int(positions[-1]) >= size:
                 raise ValueError(f"{n}: a position ({int(positions[-1])}) lies past the end of the {size}-entry tensor")
 
-    def delta(self, module: nn.Module) -> dict[str, SparseDelta]:
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
         return {n: SparseDelta(self.positions(n), getattr(self, f"{n}_delta")) for n in self.names}
 
 
-class Fish(peftkit.Method):
+class Fish(peftkit.Method[FishConfig]):
     """FISH: train only the ~0.5% of parameters with the largest Fisher information, as sparse deltas."""
 
     name = "fish"
@@ -190,7 +190,7 @@ class Fish(peftkit.Method):
         return FishDelta(module, counts, lengths)
 
 
-def _counts(value: Any) -> bool:
+def _counts(value: Any) -> TypeGuard[dict[str, int]]:
     """Whether ``value`` is a dict of parameter name -> count (>= 0)."""
     return isinstance(value, dict) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items())
 

@@ -26,7 +26,7 @@ class LastLayerConfig:
             raise ConfigError(f"last_layer option unfreeze={self.unfreeze!r} is invalid; expected a block count >= 0")
 
 
-class LastLayer(peftkit.Method):
+class LastLayer(peftkit.Method[LastLayerConfig]):
     """Train only the output layer (or a fresh head=N), optionally the last `unfreeze` blocks."""
 
     name = "last_layer"

@@ -63,9 +63,9 @@ class LoraConfig:
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(f"rank_pattern[{k!r}]", v, "a positive integer rank")
-        for k, v in self.alpha_pattern.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
-                raise bad(f"alpha_pattern[{k!r}]", v, "a positive finite number")
+        for k, a in self.alpha_pattern.items():
+            if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 < a < math.inf:
+                raise bad(f"alpha_pattern[{k!r}]", a, "a positive finite number")
 
 
 def _own_weight(module: nn.Module) -> bool:
@@ -75,17 +75,34 @@ def _own_weight(module: nn.Module) -> bool:
     return any(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
 
 
+def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """A ConvLoRA's target, typed as the convolution build() checked it is."""
+    assert isinstance(module, _CONVS), f"lora's ConvLoRA is on a {type(module).__name__}"
+    return module
+
+
+def _mha(module: nn.Module) -> nn.MultiheadAttention:
+    """A MultiheadAttentionLoRA's target, typed as the attention build() checked it is."""
+    assert isinstance(module, nn.MultiheadAttention), f"lora's MultiheadAttentionLoRA is on a {type(module).__name__}"
+    return module
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The module's tensor ``name`` (e.g. a Linear's or Conv1D's ``weight``), typed as one."""
+    t = getattr(module, name)
+    assert isinstance(t, torch.Tensor), f"{type(module).__name__}.{name} is a {type(t).__name__}, not a tensor"
+    return t
+
+
 def _init_pair(owner: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...], like: torch.Tensor,
                init: str | bool, embedding: bool = False) -> None:
-    kw = {"device": like.device, "dtype": like.dtype}
-    owner.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
-    owner.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
-    A, B = owner.lora_A, owner.lora_B
+    A = owner.lora_A = nn.Parameter(torch.empty(a_shape, device=like.device, dtype=like.dtype))
+    B = owner.lora_B = nn.Parameter(torch.empty(b_shape, device=like.device, dtype=like.dtype))
     with torch.no_grad():
         if init is False:  # random: the adapter is not the identity (tests)
             nn.init.normal_(A, std=1.0 / math.sqrt(a_shape[1]))
@@ -156,7 +173,7 @@ class _ConvLowRankGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                bias: torch.Tensor | None, scale: float, conv: nn.Module) -> torch.Tensor:
+                bias: torch.Tensor | None, scale: float, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> torch.Tensor:
         nd = A.dim() - 2
         with torch.autocast(x.device.type, enabled=False):  # the factors' dtype, also under autocast
             h = _CONV_FN[nd](x.to(A.dtype), A, None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -190,6 +207,9 @@ class _ConvLowRankGradient(torch.autograd.Function):
 class LowRank(nn.Module):
     """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
 
+    lora_A: nn.Parameter  # (r, in), set by _init_pair
+    lora_B: nn.Parameter  # (out, r)
+
     def __init__(self, in_f: int, out_f: int, r: int, scale: float, like: torch.Tensor, init: str | bool,
                  bias: bool) -> None:
         super().__init__()
@@ -204,10 +224,13 @@ class LowRank(nn.Module):
 class LinearLoRA(peftkit.Adapter):
     """LoRA on a Linear (or transposed Conv1D) layer."""
 
+    lora_A: nn.Parameter  # (r, in), set by _init_pair
+    lora_B: nn.Parameter  # (out, r)
+
     def __init__(self, module: nn.Module, r: int, scale: float, dropout: float, init: str | bool, bias: bool,
                  transposed: bool) -> None:
         super().__init__()
-        w = module.weight
+        w = _tensor(module, "weight")
         in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
         _init_pair(self, (r, in_f), (out_f, r), w, init)
         self.scale = scale
@@ -241,6 +264,9 @@ class LinearLoRA(peftkit.Adapter):
 class ConvLoRA(peftkit.Adapter):
     """LoRA on a Conv1d/2d/3d: a k x k conv in -> r then a 1 x 1 conv r -> out, both per group."""
 
+    lora_A: nn.Parameter  # (r, in/groups, *kernel), set by _init_pair
+    lora_B: nn.Parameter  # (out, r/groups, 1, ...)
+
     def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, r: int, scale: float, dropout: float,
                  init: str | bool, bias: bool) -> None:
         super().__init__()
@@ -268,25 +294,29 @@ class ConvLoRA(peftkit.Adapter):
         # instead of 1.4-1.7x; a tie at 64). A weight gradient stays cheaper on 1 x 1 convs, on
         # 3-channel stems and on 16-32 channels (the demo's ResNet: 10.0 vs 7.1 ms a layer), where
         # r-channel convolutions run at a fraction of the kernels' speed (measured on CPU).
-        return (isinstance(self.dropout, nn.Identity) and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str) and math.prod(module.kernel_size) > 1
-                and module.in_channels // module.groups >= 64)
+        conv = _conv(module)
+        return (isinstance(self.dropout, nn.Identity) and conv.padding_mode == "zeros"
+                and not isinstance(conv.padding, str) and math.prod(conv.kernel_size) > 1
+                and conv.in_channels // conv.groups >= 64)
 
     def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        return _ConvLowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale, module)
+        conv = _conv(module)
+        return _ConvLowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale, conv)
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        h = module._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
-        h = _CONV_FN[self.lora_A.dim() - 2](h, self.lora_B, groups=module.groups)  # (N, out, *spatial_out)
+        conv = _conv(module)
+        h = conv._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
+        h = _CONV_FN[self.lora_A.dim() - 2](h, self.lora_B, groups=conv.groups)  # (N, out, *spatial_out)
         out = output + self.scale * h
         if self.lora_bias is not None:
             out = out + self.lora_bias.view(-1, *([1] * (out.dim() - 2)))
         return out
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
-        g = module.groups
+        conv = _conv(module)
+        g = conv.groups
         out_c = self.lora_B.shape[0]
         deltas: dict[str, Delta]
         if g == 1:
@@ -294,7 +324,7 @@ class ConvLoRA(peftkit.Adapter):
         else:
             a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
             b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
-            deltas = {"weight": self.scale * torch.bmm(b, a).reshape(module.weight.shape)}  # (out, in/g, k...)
+            deltas = {"weight": self.scale * torch.bmm(b, a).reshape(conv.weight.shape)}  # (out, in/g, k...)
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias
         return deltas
@@ -303,6 +333,9 @@ class ConvLoRA(peftkit.Adapter):
 class EmbeddingLoRA(peftkit.Adapter):
     """LoRA on an Embedding: rows of ``A.T`` (num x r) are looked up, then projected by ``B``."""
 
+    lora_A: nn.Parameter  # (r, num), set by _init_pair
+    lora_B: nn.Parameter  # (dim, r)
+
     def __init__(self, module: nn.Embedding, r: int, scale: float, init: str | bool) -> None:
         super().__init__()
         _init_pair(self, (r, module.num_embeddings), (module.embedding_dim, r), module.weight, init, embedding=True)
@@ -310,6 +343,7 @@ class EmbeddingLoRA(peftkit.Adapter):
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         idx = args[0] if args else kwargs["input"]
+        assert isinstance(module, nn.Embedding), f"lora's EmbeddingLoRA is on a {type(module).__name__}"  # by build()
         h = F.embedding(idx, self.lora_A.T, padding_idx=module.padding_idx)  # (..., r)
         return _add_low_rank(output, h, self.lora_B, self.scale)  # (..., dim)
 
@@ -351,7 +385,8 @@ def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if lora_bias is not None:
         bias = lora_bias.detach() if bias is None else bias + lora_bias.detach()
     out = F.linear(x, w, bias)
-    return _LowRankGradient.apply(out, x, part.lora_A, B, lora_bias, part.scale)
+    folded: torch.Tensor = _LowRankGradient.apply(out, x, part.lora_A, B, lora_bias, part.scale)
+    return folded
 
 
 class MultiheadAttentionLoRA(peftkit.Adapter):
@@ -362,6 +397,11 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
     the module's forward (:meth:`stand_in`): the same attention, with both projections folded
     and LoRA's fold gradient, instead of two full weight gradients.
     """
+
+    in_proj: LowRank  # the packed in-projection's (else q_proj, k_proj and v_proj)
+    q_proj: LowRank
+    k_proj: LowRank
+    v_proj: LowRank
 
     def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool) -> None:
         super().__init__()
@@ -392,7 +432,7 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         ``key`` and ``value`` from one batch) and no ``bias_k``/``add_zero_attn``; bool or float
         masks of the shapes the module accepts. Any other call runs the module itself, which also
         raises its own errors for bad inputs."""
-        m = module
+        m = _mha(module)
         if not hasattr(self, "in_proj") or m.bias_k is not None or m.add_zero_attn:
             return False
         if len(args) > len(_MHA_ARGS) or set(kwargs) - set(_MHA_ARGS):
@@ -418,7 +458,7 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         """What ``F.multi_head_attention_forward`` computes, with LoRA folded into both projections
         (see :class:`_LowRankGradient`): one packed in-projection for self-attention, else one per
         distinct input, on its rows of the packed weight."""
-        m = module
+        m = _mha(module)
         c = _mha_call(args, kwargs)
         x, key, value = c["query"], c["key"], c["value"]
         heads, E = m.num_heads, m.embed_dim
@@ -426,13 +466,17 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         batch = 0 if m.batch_first else 1
         n, length, source = x.shape[batch], x.shape[1 - batch], key.shape[1 - batch]
         w, b = m.in_proj_weight, m.in_proj_bias
+        assert w is not None, "stands_in() takes the packed in-projection only"
+        # torch.unflatten(t, ...): what t.unflatten(...) runs (Tensor.unflatten has no annotations)
         if x is key is value:
-            q, k, v = _folded_linear(x, w, b, self.in_proj).unflatten(-1, (3, heads, D)).unbind(-3)
+            qkv = _folded_linear(x, w, b, self.in_proj)
+            q, k, v = torch.unflatten(qkv, -1, (3, heads, D)).unbind(-3)
         elif key is value:
-            q = _folded_linear(x, w, b, self.in_proj, slice(0, E)).unflatten(-1, (heads, D))
-            k, v = _folded_linear(key, w, b, self.in_proj, slice(E, 3 * E)).unflatten(-1, (2, heads, D)).unbind(-3)
+            q = torch.unflatten(_folded_linear(x, w, b, self.in_proj, slice(0, E)), -1, (heads, D))
+            kv = _folded_linear(key, w, b, self.in_proj, slice(E, 3 * E))
+            k, v = torch.unflatten(kv, -1, (2, heads, D)).unbind(-3)
         else:
-            q, k, v = (_folded_linear(t, w, b, self.in_proj, slice(i * E, (i + 1) * E)).unflatten(-1, (heads, D))
+            q, k, v = (torch.unflatten(_folded_linear(t, w, b, self.in_proj, slice(i * E, (i + 1) * E)), -1, (heads, D))
                        for i, t in enumerate((x, key, value)))
         order = (0, 2, 1, 3) if m.batch_first else (1, 2, 0, 3)  # -> (n, heads, length, D)
         q, k, v = q.permute(order), k.permute(order), v.permute(order)
@@ -471,13 +515,13 @@ class BiasDelta(peftkit.Adapter):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.lora_bias = nn.Parameter(torch.zeros_like(module.bias, requires_grad=False))
+        self.lora_bias = nn.Parameter(torch.zeros_like(_tensor(module, "bias"), requires_grad=False))
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
         return {"bias": self.lora_bias}
 
 
-class LoRA(peftkit.Method):
+class LoRA(peftkit.Method[LoraConfig]):
     """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding and MultiheadAttention layers."""
 
     name = "lora"

@@ -20,11 +20,11 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from peftkit_plugins.lora import BiasDelta, ConvLoRA, EmbeddingLoRA, LinearLoRA, MultiheadAttentionLoRA
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,6 +37,8 @@ from peftkit.model import AdaptedModel
 from peftkit.plan import plan_for
 from peftkit.plugins import get_method
 from peftkit.targets import attributes_read, host_of, pattern_problem
+
+from .lora import BiasDelta, ConvLoRA, EmbeddingLoRA, LinearLoRA, MultiheadAttentionLoRA
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -94,7 +96,7 @@ class PeftFormat(Format):
             if not path:
                 raise ConfigError("PEFT cannot adapt the root module itself; wrap a model that contains it")
             if isinstance(a, BiasDelta):
-                put(f"{path}.bias", module.bias + a.lora_bias)
+                put(f"{path}.bias", _bias(module) + a.lora_bias)
                 continue
             if isinstance(module, nn.MultiheadAttention) or (path.endswith(".out_proj") and
                                                              isinstance(base.get_submodule(path.rsplit(".", 1)[0]), nn.MultiheadAttention)):
@@ -103,22 +105,24 @@ class PeftFormat(Format):
                                       "reads its weight directly); target the attention module")
                 if not hasattr(a, "in_proj"):
                     raise ConfigError(f"{path!r}: PEFT's MultiheadAttention LoRA needs a packed in-projection (kdim == vdim == embed_dim)")
+                assert isinstance(module, nn.MultiheadAttention), type(module).__name__  # what lora built it for
                 if a.in_proj.lora_bias is not None and a.in_proj.lora_bias.abs().max() > 0:
                     raise ConfigError(f"{path!r}: PEFT has no place for a bias delta on in_proj_bias; train with bias='none'")
                 pair(path, a.in_proj.lora_A, a.in_proj.lora_B, a.in_proj.scale, path)
                 pair(f"{path}.base_layer.out_proj", a.out_proj.lora_A, a.out_proj.lora_B, a.out_proj.scale, path)
                 if a.out_proj.lora_bias is not None:
-                    put(f"{path}.base_layer.out_proj.base_layer.bias", module.out_proj.bias + a.out_proj.lora_bias)
+                    put(f"{path}.base_layer.out_proj.base_layer.bias", _bias(module.out_proj) + a.out_proj.lora_bias)
             elif isinstance(a, EmbeddingLoRA):
                 put(f"{path}.lora_embedding_A", a.lora_A)
                 put(f"{path}.lora_embedding_B", a.lora_B)
                 note(path, a.lora_A.shape[0], a.scale)
             elif isinstance(a, ConvLoRA):
-                if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
+                conv = _conv(module)
+                if any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
                     raise ConfigError(f"{path!r}: PEFT's conv LoRA ignores dilation and padding_mode, so it would "
                                       "compute something else; export is refused")
-                g = module.groups
-                dense_a = a.lora_A
+                g = conv.groups
+                dense_a: torch.Tensor = a.lora_A
                 if g > 1:  # PEFT's A is a dense conv in -> r; ours is grouped: embed it block-diagonally
                     rg, per_in = a.lora_A.shape[0], a.lora_A.shape[1]
                     dense_a = a.lora_A.new_zeros((rg, per_in * g, *a.lora_A.shape[2:]))
@@ -127,12 +131,12 @@ class PeftFormat(Format):
                         dense_a[rows, j * per_in:(j + 1) * per_in] = a.lora_A[rows]
                 pair(path, dense_a, a.lora_B, a.scale, path)
                 if a.lora_bias is not None:
-                    put(f"{path}.base_layer.bias", module.bias + a.lora_bias.view(-1))
+                    put(f"{path}.base_layer.bias", _bias(conv) + a.lora_bias.view(-1))
             elif isinstance(a, LinearLoRA):
                 transposed |= a.transposed
                 pair(path, a.lora_A, a.lora_B, a.scale, path)
                 if a.lora_bias is not None:
-                    put(f"{path}.base_layer.bias", module.bias + a.lora_bias)
+                    put(f"{path}.base_layer.bias", _bias(module) + a.lora_bias)
             else:
                 raise ConfigError(f"{path!r}: {type(a).__name__} has no PEFT equivalent")
             targets.append(path)
@@ -361,9 +365,11 @@ def _places(prepared: Prepared, modules: dict[str, nn.Module], keys: Any) -> dic
             out[f"{p}.lora_embedding_A"] = to(a.lora_A)
             out[f"{p}.lora_embedding_B"] = to(a.lora_B)
         else:
-            if isinstance(a, ConvLoRA) and module.groups > 1:  # PEFT's A is dense over the input channels
-                dense = (a.lora_A.shape[0], a.lora_A.shape[1] * module.groups, *a.lora_A.shape[2:])
-                out[f"{p}.lora_A.weight"] = to(a.lora_A, dense, lambda v, g=module.groups, q=p: _grouped(v, g, q))
+            assert isinstance(a, (LinearLoRA, ConvLoRA)), type(a).__name__  # what else lora builds
+            if isinstance(a, ConvLoRA) and _conv(module).groups > 1:  # PEFT's A is dense over the input channels
+                groups = _conv(module).groups
+                dense = (a.lora_A.shape[0], a.lora_A.shape[1] * groups, *a.lora_A.shape[2:])
+                out[f"{p}.lora_A.weight"] = to(a.lora_A, dense, lambda v, g=groups, q=p: _grouped(v, g, q))
             else:
                 out[f"{p}.lora_A.weight"] = to(a.lora_A)
             out[f"{p}.lora_B.weight"] = to(a.lora_B)
@@ -464,6 +470,19 @@ def _peft_version() -> str:
         return "0.21"
 
 
+def _bias(module: nn.Module) -> torch.Tensor:
+    """The bias of a module that has one (a target with a bias delta)."""
+    bias = module.bias
+    assert isinstance(bias, torch.Tensor), f"{type(module).__name__}.bias is a {type(bias).__name__}"
+    return bias
+
+
+def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """The target of a ConvLoRA (a convolution, as lora built it)."""
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), type(module).__name__
+    return module
+
+
 @functools.cache
 def peft_doubles_mha_out_proj() -> bool:
     """Whether the installed PEFT applies a MultiheadAttention's out_proj delta twice (as every release
@@ -475,14 +494,15 @@ def peft_doubles_mha_out_proj() -> bool:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
-        ref = copy.deepcopy(net)
+        ref = copy.deepcopy(net)[0]
+        assert isinstance(ref, nn.MultiheadAttention) and ref.in_proj_weight is not None
         pm = peft.get_peft_model(net, peft.LoraConfig(r=1, target_modules=["0"], init_lora_weights=False)).eval()
         layer = pm.base_model.model[0]
         h = torch.randn(1, 3, 4)
         with torch.no_grad():
-            ref[0].in_proj_weight += layer.get_delta_weight("default")
-            ref[0].out_proj.weight += layer.base_layer.out_proj.get_delta_weight("default")
-            return not torch.allclose(layer(h, h, h)[0], ref[0](h, h, h)[0], atol=1e-5)
+            ref.in_proj_weight.add_(layer.get_delta_weight("default"))  # in place, as += does
+            ref.out_proj.weight.add_(layer.base_layer.out_proj.get_delta_weight("default"))
+            return not torch.allclose(layer(h, h, h)[0], ref(h, h, h)[0], atol=1e-5)
 
 
 def _write_directory(directory: Path, files: dict[str, Any]) -> None:
@@ -535,7 +555,7 @@ def _grouped(A: torch.Tensor, groups: int, where: str) -> torch.Tensor:
     return torch.cat(blocks, dim=0)
 
 
-def _prefix_fixer(modules: dict[str, nn.Module], keys: dict[str, torch.Tensor]) -> Any:
+def _prefix_fixer(modules: dict[str, nn.Module], keys: Iterable[str]) -> Callable[[str], str]:
     """Keys saved from a transformers task model (``bert.encoder...``) onto its base model
     (``encoder...``), or the other way round: find the path prefix to drop or add."""
     probe = next((k.rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k), None)

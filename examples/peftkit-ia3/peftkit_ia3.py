@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, TargetError
+from peftkit.method import Delta
 
 __version__ = "0.1.0"
 
@@ -47,15 +48,16 @@ class IA3Scale(peftkit.Adapter):
         channel_dim = -1 if isinstance(module, nn.Linear) else 1
         return output * self._shaped(output.dim(), channel_dim)
 
-    def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        assert isinstance(module, (nn.Linear, nn.Conv2d))  # what IA3.build() adapts
         scale = self._shaped(module.weight.dim(), 0) - 1  # (out, 1, ...)
-        deltas = {"weight": scale * module.weight}
+        deltas: dict[str, Delta] = {"weight": scale * module.weight}
         if module.bias is not None:
             deltas["bias"] = (self.ia3_l - 1) * module.bias
         return deltas
 
 
-class IA3(peftkit.Method):
+class IA3(peftkit.Method[IA3Config]):
     """IA3: learned per-feature scaling of each target layer's output."""
 
     name = "ia3"
@@ -64,6 +66,8 @@ class IA3(peftkit.Method):
     adapts = (nn.Linear, nn.Conv2d)  # default targets: every one of these except the output layer
 
     def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):  # a file written for other layers
+            raise TargetError(f"ia3 adapts Linear and Conv2d layers; {path!r} is a {type(module).__name__}")
         return IA3Scale(module, self.config.init)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .transaction import Journal
+
 __all__ = ["NestedEncoderGuard", "packing_encoders"]
 
 
@@ -62,7 +64,8 @@ class NestedEncoderGuard:
     def __init__(self, encoder: nn.TransformerEncoder, trains_inside: Callable[[], bool]) -> None:
         self.encoder = encoder
         self.trains_inside = trains_inside
-        self._frames: list[torch.Tensor | None] = []  # per call: the padded positions to zero, if any
+        # per call: the padded positions to zero (if any), and the undo of what the call switched off
+        self._frames: list[tuple[torch.Tensor | None, Journal]] = []
         self._handles = [encoder.register_forward_pre_hook(self._pre, with_kwargs=True),
                          encoder.register_forward_hook(self._post, always_call=True)]
         if encoder.norm is not None:  # the packed path zeroes padded positions before the final norm
@@ -77,19 +80,18 @@ class NestedEncoderGuard:
     def unwind(self) -> None:
         """Undo what an interrupted call left (see :meth:`peftkit.attach.Slot.unwind`)."""
         while self._frames:
-            if self._frames.pop() is not None:
-                self.encoder.use_nested_tensor = True
+            self._frames.pop()[1].undo()
 
     def _pre(self, encoder: nn.TransformerEncoder, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         src, mask, padding = _call(args, kwargs)
-        pads = None
+        pads, switched = None, Journal()
         if torch.is_grad_enabled() and _would_pack(self.encoder, src, mask, padding) and self.trains_inside():
             pads = padding if padding.dtype == torch.bool else padding != 0  # (batch, length)
-            encoder.use_nested_tensor = False  # restored after the call (also when it raises)
-        self._frames.append(pads)
+            switched.set_attribute(encoder, "use_nested_tensor", False)  # undone after the call (also when it raises)
+        self._frames.append((pads, switched))
 
     def _zero_pads(self, x: torch.Tensor) -> torch.Tensor:
-        pads = self._frames[-1] if self._frames else None
+        pads = self._frames[-1][0] if self._frames else None
         return x if pads is None else x.masked_fill(pads.unsqueeze(-1), 0.0)
 
     def _before_norm(self, norm: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -100,10 +102,9 @@ class NestedEncoderGuard:
     def _post(self, encoder: nn.TransformerEncoder, args: tuple[Any, ...], output: Any) -> Any:
         if not self._frames:
             return None
-        pads = self._frames[-1]
-        if pads is not None:
-            encoder.use_nested_tensor = True
-            if self.encoder.norm is None and isinstance(output, torch.Tensor):
-                output = self._zero_pads(output)
+        pads, switched = self._frames[-1]
+        switched.undo()
+        if pads is not None and self.encoder.norm is None and isinstance(output, torch.Tensor):
+            output = self._zero_pads(output)
         self._frames.pop()
         return output

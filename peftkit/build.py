@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PluginError, TargetError
+from .errors import AdapterFileError, PeftkitError, PluginError, TargetError
 from .heads import MultiHead, fresh_layer
-from .method import Adapter, Method
+from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta
 from .plan import AdapterPlan
 from .targets import calls_forward, host_of, is_under
 
@@ -93,7 +93,8 @@ def _takes_spec(method: Method[Any]) -> bool:
     return len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
-def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prepared:
+def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False, dry_run: bool = True,
+          source: str | None = None) -> Prepared:
     """Build the adapters of ``plan`` for ``model``: one per target (from the target's spec), a copy
     of each ``train`` module (or a fresh output layer), multi-task heads; then the plan's values.
 
@@ -101,14 +102,21 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
         model: The backbone (unchanged).
         plan: From :func:`peftkit.plan.make_plan` or from an adapter file.
         on_meta: Build from meta-device twins of the modules: a dry run giving the shapes and
-            dtypes a file must hold, allocating nothing.
+            dtypes a file must hold, allocating nothing. It also checks each adapter's weight-space
+            form against its module: every delta names a tensor the module holds, of its size.
+        dry_run: Before a real build, do that dry run (off where the caller has just done it).
+        source: The file the plan comes from: a failure of the method's ``build`` is then the
+            file's (an :class:`AdapterFileError` naming it), not the plugin's.
 
     Raises:
         TargetError: a target inside a trained or replaced module, or a transform-only adapter on a
             module that never runs its own forward.
-        PluginError: the method's ``build`` returned something other than an Adapter, or the plan's
-            values do not fit the adapter built.
+        PluginError: the method's ``build`` raised or returned something other than an Adapter, a
+            delta does not fit its module, or the plan's values do not fit the adapter built.
+        AdapterFileError: with ``source``, the method cannot build from the file's specs.
     """
+    if not on_meta and dry_run:
+        build(model, plan, on_meta=True, source=source)
     m = plan.method
     train_paths = plan.train
     for p in plan.targets:
@@ -126,13 +134,24 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
         adapters: list[Adapter] = []
         for p, spec in plan.targets.items():
             module = module_at(p)
-            adapter = make(p, module, spec) if takes_spec else make(p, module)
+            try:
+                adapter = make(p, module, spec) if takes_spec else make(p, module)
+            except PeftkitError:
+                raise
+            except Exception as exc:  # the plugin's own failure, or a spec from a file it cannot take
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if source is not None:
+                    raise AdapterFileError(f"{source} has target specs method {m.name!r} cannot build from: {why}") from None
+                raise PluginError(f"method {m.name!r} could not build the adapter for {p!r} "
+                                  f"({type(module).__name__}): {why}") from exc
             if not isinstance(adapter, Adapter):
                 raise PluginError(f"method {m.name!r} built {type(adapter).__name__} for {p!r}; build() must return a peftkit.Adapter")
             if any("spec" in vars(k) for k in type(adapter).__mro__ if k is not Adapter):
                 raise PluginError(f"method {m.name!r}: {type(adapter).__name__}.spec() is no longer called; return what "
                                   "it held from Method.plan() as the target's spec (see docs/plugins.md)")
             _check_runs(model, m, p, adapter)
+            if on_meta and adapter.has_delta:
+                _check_deltas(m, p, module, adapter)
             if p in plan.values and not on_meta:
                 _fill(m, p, adapter, plan.values[p])
             adapters.append(adapter)
@@ -144,6 +163,47 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False) -> Prep
             copies.append(c)
         heads = MultiHead(module_at(plan.heads[0]), plan.heads[1]) if plan.heads else None
     return Prepared(plan, AdapterSet(plan, adapters, copies, heads))
+
+
+def _check_deltas(m: Method[Any], path: str, module: nn.Module, adapter: Adapter) -> None:
+    """Refuse, on the dry run, a weight-space form that names a tensor the module does not hold (or
+    holds as None, such as a Linear's bias=False) or that is not of that tensor's size: otherwise it
+    would fail only later, at the first inference or merge."""
+    try:
+        with torch.no_grad():
+            deltas = adapter.delta(module)
+    except Exception:  # noqa: BLE001 (a delta needing real values, e.g. data-dependent ops, cannot be checked here)
+        return
+    if deltas is None:
+        return
+    for name, d in deltas.items():
+        owner, _, leaf = name.rpartition(".")
+        try:
+            holder = module.get_submodule(owner) if owner else module
+        except AttributeError:
+            holder = None
+        base = None if holder is None else holder._parameters.get(leaf, holder._buffers.get(leaf))
+        if base is None:
+            held = [n for n, _ in [*module.named_parameters(), *module.named_buffers()]]
+            empty = " (it is None there)" if holder is not None and leaf in {*holder._parameters, *holder._buffers} else ""
+            raise PluginError(f"method {m.name!r}: the adapter for {path!r} returns a delta for {name!r}, which "
+                              f"{type(module).__name__} at {path!r} does not hold{empty}; it holds: "
+                              f"{', '.join(held) or 'no tensors'}. A delta can go only to a tensor the module has "
+                              "(check it in can_adapt or build).")
+        if not _fits(d, base):
+            raise PluginError(f"method {m.name!r}: the adapter for {path!r} returns a delta for {name!r} that does "
+                              f"not fit that tensor's shape {list(base.shape)}")
+
+
+def _fits(d: Delta, base: torch.Tensor) -> bool:
+    """Whether a delta can be added to ``base``: a dense one broadcasting to its shape, a low-rank one
+    of its size, a sparse one with as many positions as values."""
+    if isinstance(d, SparseDelta):
+        return d.index.dim() == 1 and d.index.shape == d.values.shape
+    if isinstance(d, LowRankDelta):
+        return d.left.dim() == 2 and d.right.dim() == 2 and d.left.shape[0] * d.right.shape[1] == base.numel()
+    # broadcasting to base's shape: aligned from the right, each dimension 1 or base's
+    return d.dim() <= base.dim() and all(a in (1, b) for a, b in zip(reversed(d.shape), reversed(base.shape), strict=False))
 
 
 def _check_runs(model: nn.Module, m: Method[Any], path: str, adapter: Adapter) -> None:
@@ -173,7 +233,8 @@ def _fill(m: Method[Any], path: str, adapter: Adapter, values: dict[str, torch.T
 def meta_twin(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose tensors, and its children's, are on the meta device: an
     adapter built for it allocates nothing (see :func:`build`)."""
-    twin = copy.copy(module)
+    twin = object.__new__(type(module))  # not copy.copy: a parametrized module refuses to be pickled or copied
+    twin.__dict__.update(module.__dict__)
     twin.__dict__["_parameters"] = {
         k: None if t is None else nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
                                                requires_grad=t.requires_grad)

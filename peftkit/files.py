@@ -307,14 +307,14 @@ def read_adapter(model: nn.Module, path: str | os.PathLike[str]) -> tuple[Adapte
         plan = plan_from_header(header, method, info)
         where = repr(str(header.path))
         try:
-            dry = build(model, plan, on_meta=True)
+            dry = build(model, plan, on_meta=True, source=where)
         except PeftkitError:
             raise
         except Exception as exc:  # a spec the method cannot build from
             raise AdapterFileError(f"{where} has target specs method {method.name!r} cannot build from: "
                                    f"{type(exc).__name__}: {str(exc)[:200]}") from None
         check_tensors(header, dry.modules.file_tensors())
-        prepared = build(model, plan)
+        prepared = build(model, plan, dry_run=False, source=where)
         expected = prepared.modules.file_tensors()
         values = snap.read(list(expected))
     _check_finite(header, values)

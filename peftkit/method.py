@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter", "Delta", "LowRankDelta", "Method", "Plan", "PlanContext", "SparseDelta", "add_delta", "detach_delta",
+    "retired_hooks",
 ]
 
 # A method's config type (its Config dataclass): class LoRA(Method[LoraConfig])
@@ -292,7 +293,7 @@ class Method(Generic[ConfigT]):
                      for u in unknown]
             raise ConfigError(
                 f"method {cls.name!r} has no option {', '.join(hints)}; its options are: "
-                f"{', '.join(sorted(fields))} (plus the common targets, exclude, train, head)."
+                f"{', '.join(sorted(fields))} (plus wrap's own: targets, exclude, train, head, heads, name, example_input)."
             )
         try:
             config = cls.Config(**options)
@@ -346,3 +347,23 @@ class Method(Generic[ConfigT]):
         ``build`` takes only ``(path, module)`` is called that way.
         """
         raise NotImplementedError
+
+
+# hooks of the first plugin protocol, and what replaced them: a plugin still implementing one would
+# silently lose that behaviour, so it is refused by name
+_RETIRED = {
+    "setup": "plan(context): work that needs the model (context.model, context.train, context.trained_parameters)",
+    "expand_targets": "plan(context): return Plan({path: spec, ...}) with the targets to build",
+    "trained_modules": "plan(context): return Plan(targets, train=[...])",
+    "rebuild": "build(path, module, spec): the same call for wrapping and loading, spec from the plan or the file",
+}
+
+
+def retired_hooks(cls: type[Method[Any]]) -> str | None:
+    """Why ``cls`` cannot work with this peftkit, if it implements hooks of the first plugin protocol
+    (which peftkit no longer calls): a sentence naming each and its replacement; None if it does not."""
+    retired = [h for h in _RETIRED if any(h in vars(k) for k in cls.__mro__ if k is not Method and k is not object)]
+    if not retired:
+        return None
+    return (f"method {cls.name!r} ({cls.__module__}) implements {', '.join(h + '()' for h in retired)}, which peftkit "
+            "no longer calls; use " + "; ".join(_RETIRED[h] for h in retired) + ". See docs/plugins.md.")

@@ -10,13 +10,14 @@ An :class:`AdapterPlan` comes from one of two places and is built by one code pa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, PluginError, TargetError
+from .errors import ConfigError, PeftkitError, PluginError, TargetError
 from .method import Method, Plan, PlanContext
 from .plugins import MethodInfo, get_method
 from .targets import Selection, is_under, output_layers, select_modules
@@ -47,25 +48,6 @@ class AdapterPlan:
     values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-# hooks of the first plugin protocol, and what replaced them: a plugin still implementing one would
-# silently lose that behaviour, so it is refused by name
-_RETIRED = {
-    "setup": "plan(context): work that needs the model (context.model, context.train, context.trained_parameters)",
-    "expand_targets": "plan(context): return Plan({path: spec, ...}) with the targets to build",
-    "trained_modules": "plan(context): return Plan(targets, train=[...])",
-    "rebuild": "build(path, module, spec): the same call for wrapping and loading, spec from the plan or the file",
-}
-
-
-def _check_protocol(cls: type[Method[Any]]) -> None:
-    retired = [h for h in _RETIRED if any(h in vars(k) for k in cls.__mro__ if k is not Method and k is not object)]
-    if retired:
-        raise PluginError(
-            f"method {cls.name!r} ({cls.__module__}) implements {', '.join(h + '()' for h in retired)}, which peftkit no "
-            "longer calls; use " + "; ".join(_RETIRED.get(h, h) for h in retired if h in _RETIRED)
-            + ". See docs/plugins.md.")
-
-
 def configured(method: str | Method[Any], options: dict[str, Any]) -> tuple[Method[Any], MethodInfo]:
     """The method instance for ``method`` (a registered name, or an instance) and its registration.
 
@@ -74,7 +56,6 @@ def configured(method: str | Method[Any], options: dict[str, Any]) -> tuple[Meth
         ConfigError: options given twice, an unknown option, or a bad value.
     """
     info = get_method(method.name if isinstance(method, Method) else method)
-    _check_protocol(info.cls)
     if isinstance(method, Method):
         if options:
             raise ConfigError("pass options either in the Method instance or as keywords, not both")
@@ -131,9 +112,7 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
     paths = _targets(model, m, targets, exclude, avoid)
     context = PlanContext(model=model, targets=paths, explicit=targets is not None, train=list(avoid),
                           trained_parameters=trained, output_layer=output, replaced=replaced)
-    decided = m.plan(context)
-    if not isinstance(decided, Plan):
-        raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    decided = _planned(m, context)
     chosen = set(paths)
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
     planned = {p: dict(spec) for p, spec in decided.targets.items() if p in chosen or not is_under(p, avoid)}
@@ -159,12 +138,29 @@ def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: l
     paths = [p for p in targets if not is_under(p, train)]
     context = PlanContext(model=model, targets=paths, explicit=True, train=train, trained_parameters=0,
                           output_layer=None, replaced=False)
-    decided = m.plan(context)
-    if not isinstance(decided, Plan):
-        raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    decided = _planned(m, context)
     planned = {p: dict(spec) for p, spec in decided.targets.items() if not is_under(p, train)}
     return AdapterPlan(m, info, planned, _outermost(model, train + list(decided.train)),
                        values={p: dict(v) for p, v in decided.values.items() if p in planned})
+
+
+def _planned(m: Method[Any], context: PlanContext) -> Plan:
+    """The method's plan, checked: a :class:`Plan` whose specs can be saved in a file."""
+    try:
+        decided = m.plan(context)
+    except PeftkitError:
+        raise
+    except Exception as exc:  # the plugin's own failure (or one in code it calls, e.g. a user's loss_fn)
+        raise PluginError(f"method {m.name!r} raised {type(exc).__name__} while planning: {str(exc)[:300]}") from exc
+    if not isinstance(decided, Plan):
+        raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    for path, spec in decided.targets.items():
+        try:
+            json.dumps(spec, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PluginError(f"method {m.name!r}: the spec planned for {path!r} cannot be saved in a file ({exc}); a "
+                              "spec holds JSON values (numbers, strings, lists, dicts), and tensors go in Plan.values") from None
+    return decided
 
 
 def _exists(model: nn.Module, path: str) -> bool:
@@ -181,13 +177,17 @@ def _targets(model: nn.Module, m: Method[Any], targets: Selection, exclude: Sele
         if targets is not None:
             raise ConfigError(f"method {m.name!r} trains whole modules and takes no targets; use train=[...]")
         return []
+    # a rule of its own on top of declared types: say whose rule refused a module of an adapted type
+    custom = bool(m.adapts) and type(m).can_adapt is not Method.can_adapt
     if targets is not None:
-        return select_modules(model, targets, exclude, can_adapt=m.can_adapt, method=repr(m.name))
+        return select_modules(model, targets, exclude, can_adapt=m.can_adapt,
+                              method=f"{m.name!r} ({type(m).__name__}.can_adapt)" if custom else repr(m.name))
     excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
     paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]
     if not paths:
         if type(m).default_targets is Method.default_targets:
-            doc = f"every {', '.join(t.__name__ for t in m.adapts)} except the output layer"
+            accepted = f" that {type(m).__name__}.can_adapt accepts" if custom else ""
+            doc = f"every {', '.join(t.__name__ for t in m.adapts)}{accepted}, except the output layer"
         else:
             doc = " ".join((type(m).default_targets.__doc__ or "").split()).split(". ")[0].rstrip(".")
         defaults = f" (its defaults: {doc[0].lower() + doc[1:]})" if doc else ""

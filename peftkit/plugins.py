@@ -18,7 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UnknownMethodError
-from .method import Method
+from .method import Method, retired_hooks
 
 T = TypeVar("T")
 
@@ -201,8 +201,15 @@ def method_infos() -> dict[str, MethodInfo]:
         PluginError: two plugins register a method of the same name, or a plugin registers
             something that is not a ``peftkit.Method`` subclass.
     """
+    found = collect("register_methods", Method, "method")
+    for r in found.values():
+        why = retired_hooks(r.cls) if r.plugin not in _failed else None
+        if why is not None:  # written for the first protocol: it could only half work
+            _fail(r.plugin, why)
     infos = {}
-    for name, r in collect("register_methods", Method, "method").items():
+    for name, r in found.items():
+        if r.plugin in _failed:
+            continue
         doc = (r.cls.__doc__ or "").strip().splitlines()
         infos[name] = MethodInfo(name, r.plugin, r.distribution, r.version, doc[0] if doc else "", r.cls)
     return infos

@@ -73,6 +73,7 @@ from peftkit.errors import (
     PeftkitError,
     TargetError,
 )
+from peftkit.plugins import pm
 
 __all__ = [
     "CHECKS",
@@ -89,6 +90,7 @@ __all__ = [
     "check_suite",
     "get_model",
     "mlp",
+    "registered",
 ]
 
 Example = tuple[torch.Tensor, torch.Tensor]
@@ -239,16 +241,56 @@ MODELS: tuple[KitModel, ...] = (
 """Every kit model: a Linear MLP, a CNN with BatchNorm, a Transformer encoder and an LSTM."""
 
 
-def get_model(name: str) -> KitModel:
-    """The kit model called ``name``.
+def get_model(name: str | KitModel) -> KitModel:
+    """The kit model called ``name`` (a :class:`KitModel` of your own is returned as it is).
 
     Raises:
         KeyError: no kit model has that name (the message lists them).
     """
+    if isinstance(name, KitModel):
+        return name
     for m in MODELS:
         if m.name == name:
             return m
     raise KeyError(f"no kit model named {name!r}; the kit has: {', '.join(m.name for m in MODELS)}")
+
+
+@contextlib.contextmanager
+def registered(*methods: type[peftkit.Method[Any]], plugin: str | None = None) -> Iterator[list[str]]:
+    """Register method classes in this process for the length of a ``with`` block, as an installed
+    plugin's ``register_methods`` hook would (for tests, before the package is installed with its
+    entry point); they are unregistered afterwards, also when the block raises.
+
+    Args:
+        *methods: The ``peftkit.Method`` subclasses.
+        plugin: The plugin name to register them under (default: one made from their names).
+
+    Yields:
+        The methods' names.
+
+    Raises:
+        PluginError: (on first use) a class that is not a Method subclass, or a name another plugin
+            already registers.
+
+    Example::
+
+        with peftkit.testing.registered(BitFit):
+            check_method("bitfit")
+    """
+    name = plugin or "peftkit-testing:" + ",".join(m.name for m in methods)
+
+    class _Plugin:
+        @peftkit.hookimpl
+        def register_methods(self, register: Callable[[type[Any]], None]) -> None:
+            for m in methods:
+                register(m)
+
+    pm.register(_Plugin(), name=name)
+    try:
+        yield [m.name for m in methods]
+    finally:
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -448,7 +490,7 @@ class MethodSuite:
     method: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Any]] = {}
     random_options: ClassVar[Mapping[str, Any] | None] = None
-    models: ClassVar[Sequence[str]] = tuple(m.name for m in MODELS)
+    models: ClassVar[Sequence[str | KitModel]] = tuple(m.name for m in MODELS)
     identity_at_init: ClassVar[bool] = True
     merges: ClassVar[bool] = True
     max_file_ratio: ClassVar[float | None] = 0.5
@@ -569,7 +611,8 @@ class MethodSuite:
                 return
             except NotApplicable as exc:
                 reasons.append(str(exc))
-        raise AssertionError(f"method {self.method!r} applies to none of the kit models {list(self.models)}, so "
+        raise AssertionError(f"method {self.method!r} applies to none of the kit models "
+                             f"{[get_model(m).name for m in self.models]}, so "
                              "no check ran:\n  " + "\n  ".join(reasons))
 
     def check_identity_at_init(self, model: KitModel, workdir: Path) -> None:
@@ -924,11 +967,12 @@ def check_suite(suite: type[MethodSuite], checks: Iterable[str] | None = None) -
     try:
         instance.check_applies()
         results.append(CheckResult("applies", "", "passed"))
-    except AssertionError as exc:
-        results.append(CheckResult("applies", "", "failed", str(exc)))
+    except Exception as exc:  # AssertionError, or a plugin's error (a PluginError from wrap): a failure either way
+        detail = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
+        results.append(CheckResult("applies", "", "failed", detail))
     for check in chosen:
-        for name in instance.models:
-            model = get_model(name)
+        for model in [get_model(m) for m in instance.models]:
+            name = model.name
             with tempfile.TemporaryDirectory(prefix="peftkit-testing-") as tmp:
                 try:
                     getattr(instance, f"check_{check}")(model, Path(tmp))
@@ -951,7 +995,7 @@ def check_suite(suite: type[MethodSuite], checks: Iterable[str] | None = None) -
 
 
 def check_method(method: str, options: Mapping[str, Any] | None = None, *,
-                 random_options: Mapping[str, Any] | None = None, models: Sequence[str] | None = None,
+                 random_options: Mapping[str, Any] | None = None, models: Sequence[str | KitModel] | None = None,
                  identity_at_init: bool = True, merges: bool = True,
                  options_for: Callable[[KitModel, Example], Mapping[str, Any]] | None = None,
                  max_file_ratio: float | None = 0.5, checks: Iterable[str] | None = None) -> list[CheckResult]:

@@ -214,3 +214,42 @@ def test_the_kit_fails_a_method_that_applies_to_no_model(toy: str) -> None:
 def test_the_kit_catches_wrong_claims_about_a_method(method: str, claims: dict[str, Any], message: str) -> None:
     with pytest.raises(AssertionError, match=message):
         check_method(method, models=["mlp"], checks=["identity_at_init", "merge", "file_contents"], **claims)
+
+
+def test_registered_methods_run_through_the_kit_and_are_gone_afterwards() -> None:
+    """What a plugin author tests before installing the package: ``registered`` then ``check_method``,
+    on a kit model of their own too."""
+    own = KitModel("wide_mlp", "4", 32, 24, lambda w: nn.Sequential(nn.Linear(16, w), nn.ReLU(), nn.Linear(w, w),
+                                                                       nn.ReLU(), nn.Linear(w, 3)),
+                   lambda g: torch.randn(8, 16, generator=g), num_classes=3)
+    assert get_model(own) is own
+    with peftkit.testing.registered(Toy) as names:
+        assert names == ["kit_toy"] and "kit_toy" in peftkit.methods()
+        results = check_method("kit_toy", {"targets": ["0", "2"]}, models=[own], checks=["save_load", "merge"])
+        assert [(r.check, r.model, r.status) for r in results] == [
+            ("applies", "", "passed"), ("save_load", "wide_mlp", "passed"), ("merge", "wide_mlp", "passed")]
+    assert "kit_toy" not in peftkit.methods()
+
+
+def test_a_plugin_error_at_wrap_is_a_failed_check_not_a_crash() -> None:
+    class BiasOnly(peftkit.Adapter):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.shift_b = nn.Parameter(torch.zeros(width))
+
+        def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:
+            return {"bias": self.shift_b}  # a layer with bias=False has none: refused on the dry run
+
+    class NoBiasCheck(peftkit.Method):
+        name = "kit_no_bias_check"
+        Config = ToyConfig
+        adapts = (nn.Linear,)
+
+        def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
+            return BiasOnly(module.weight.shape[0])
+
+    biasless = KitModel("biasless", "2", 32, 24, lambda w: nn.Sequential(nn.Linear(16, w, bias=False), nn.ReLU(),
+                                                                        nn.Linear(w, 3)),
+                        lambda g: torch.randn(8, 16, generator=g), num_classes=3)
+    with peftkit.testing.registered(NoBiasCheck), pytest.raises(AssertionError, match="PluginError: .*does not hold"):
+        check_method("kit_no_bias_check", models=[biasless], checks=["identity_at_init"])

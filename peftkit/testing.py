@@ -106,8 +106,10 @@ _STEPS = 3
 
 
 def mlp(width: int = 64) -> nn.Sequential:
-    """A three-layer perceptron: 16 inputs, two hidden ``Linear`` layers of ``width``, 5 classes."""
-    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5))
+    """A three-layer perceptron: 16 inputs, two hidden ``Linear`` layers of ``width`` (the second
+    without a bias, as many real layers are), 5 classes."""
+    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width, bias=False), nn.ReLU(),
+                         nn.Linear(width, 5))
 
 
 class ConvNet(nn.Module):

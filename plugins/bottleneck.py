@@ -172,8 +172,11 @@ class BottleneckAdapter(peftkit.Adapter):
         self.learned_scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if c.scale == "learned" else None
         self.fixed_scale = 1.0 if c.scale == "learned" else float(c.scale)
         self._strided_at_call = parallel and self.spatial and not conv_layer
+        # a linear parallel branch is a weight delta, when the target has a bias to take the branch's
+        # (a Linear without one keeps the branch's biases: they have nowhere to go, so it runs as a branch)
         self._foldable = (parallel and c.activation == "identity" and not c.layer_norm
-                          and (isinstance(module, nn.Linear) or (target_conv is not None and target_conv.groups == 1)))
+                          and (isinstance(module, nn.Linear) or (target_conv is not None and target_conv.groups == 1))
+                          and (not bias or isinstance(getattr(module, "bias", None), torch.Tensor)))
         with torch.no_grad():
             if c.init == "houlsby":
                 for lin in (self.down, self.up):

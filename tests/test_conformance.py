@@ -57,6 +57,26 @@ class TestParallelAdapterLinear(MethodSuite):
     random_options = {"bottleneck": 3, "activation": "identity", "init": "houlsby", "scale": 50.0}
     models = ("mlp", "cnn")
 
+    def options_for(self, model: KitModel, example: Example) -> dict[str, Any]:
+        # the MLP's second layer has no bias to take the branch's biases, so it does not fold
+        return {"targets": ["0"]} if model.name == "mlp" else {}
+
+
+def test_a_linear_parallel_adapter_on_a_layer_without_bias_runs_as_a_branch_and_refuses_to_merge() -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 2))
+    m = peftkit.wrap(layer, "parallel_adapter", bottleneck=2, activation="identity", init="houlsby", targets=["0"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for p in m.peft_adapters["default"].parameters():
+            p.add_(0.1)
+        inference = m.eval()(x)  # the output form: the branch's biases have no weight-space home
+    torch.testing.assert_close(m(x), inference)
+    before = layer[0].weight.clone()
+    with pytest.raises(peftkit.errors.MergeError, match="cannot be written as a weight delta"):
+        m.merge()
+    assert torch.equal(layer[0].weight, before) and not m.merged
+
 
 class TestLastLayer(MethodSuite):
     method = "last_layer"
@@ -146,9 +166,8 @@ class ToyScale(peftkit.Adapter):
         return self.scale * self.noise if self.bug == "unsaved" else self.scale
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if self.bug == "mutates":
-            with torch.no_grad():
-                module.bias.add_(1e-3)
+        if self.bug == "mutates":  # behind autograd's back (.data), as a careless plugin would
+            module.weight.data.add_(1e-3)
         return output * self._s()
 
     def delta(self, module: nn.Module) -> dict[str, torch.Tensor]:

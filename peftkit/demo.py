@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+from tqdm import tqdm
 
 import peftkit
-
-from .progress import Progress
 
 __all__ = ["SmallResNet", "Task", "accuracy", "draw_stars", "fresh_backbone", "pretrained_backbone", "run"]
 
@@ -109,7 +108,7 @@ def _fit(model: nn.Module, task: Task, steps: int, lr: float, label: str, seed: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
-    bar = Progress(steps, f"  {label:<16}", unit="steps")
+    bar = tqdm(total=steps, desc=f"  {label:<16}", unit="steps", disable=None)  # hidden where stderr is not a terminal
     correct = seen = 0
     model.train()
     for _ in range(steps):
@@ -126,7 +125,8 @@ def _fit(model: nn.Module, task: Task, steps: int, lr: float, label: str, seed: 
         torch.autograd.backward(loss)  # what loss.backward() runs; Tensor.backward is unannotated
         opt.step()
         sched.step()
-        bar.update(loss=loss.item(), train_acc=correct / seen)
+        bar.set_postfix(loss=f"{loss.item():.4g}", train_acc=f"{correct / seen:.4g}", refresh=False)
+        bar.update(1)
     bar.close()
 
 

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from . import sharding as dist
 from .errors import ConfigError
-from .progress import Progress
 
 __all__ = ["candidate_names", "default_loss", "fisher_information", "fisher_mask", "select_top"]
 
@@ -136,7 +136,7 @@ _PROBE = 4  # samples timed per way by vectorize="auto", after one warm-up sampl
 
 
 def _pick_faster(part: Any, vmap_part: Callable[[Any], None], loop_part: Callable[[Any], None],
-                 bar: Progress) -> tuple[str, Any]:
+                 bar: tqdm) -> tuple[str, Any]:
     """Time vmap and the loop on the first samples of ``part`` (every sample still counts once).
 
     Returns the faster way and what is left of ``part`` (``None`` when the probe used all of it;
@@ -222,7 +222,8 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
             as transformers' BERT) use the loop, with a warning when ``True`` was asked for.
         memory: Bytes of per-sample gradients held at once (sets the chunk size).
         seed: Seed of the label sampling for the expected Fisher.
-        progress: Show a progress line on stderr (on rank 0 only, when distributed).
+        progress: Show a tqdm progress bar on stderr when it is a terminal (on rank 0 only, when
+            distributed).
         distributed: Under ``torch.distributed``, sum the statistics over the ranks of the default
             process group (each rank passes its own part of the data and uses up to ``samples`` of
             it), so every rank gets the same Fisher information and selects the same mask.
@@ -245,7 +246,8 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     gen = torch.Generator().manual_seed(seed)
     flags = {n: all_params[n].requires_grad for n in params}
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode (some may be in eval already)
-    bar = Progress(samples, "Fisher information", progress and dist.rank() == 0, unit="samples")
+    # tqdm hides the bar where stderr is not a terminal (logs, CI); progress=False hides it everywhere
+    bar = tqdm(total=samples, desc="Fisher information", unit="samples", disable=None if progress and dist.rank() == 0 else True)
     seen = 0
 
     def vmap_part(part: Any) -> None:

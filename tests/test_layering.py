@@ -16,7 +16,7 @@ PLUGINS = sorted((ROOT / "plugins").glob("*.py")) + [ROOT / "examples" / "peftki
 # Bottom to top. A module may import only from layers below its own (data flows one way:
 # selection -> plan -> build -> attach -> run; file <-> plan). docs/architecture.md describes each.
 LAYERS: list[set[str]] = [
-    {"errors", "transaction", "progress", "hookspecs", "sharding"},  # no peftkit imports
+    {"errors", "transaction", "hookspecs", "sharding"},  # no peftkit imports
     {"container", "targets", "fisher", "fastpaths"},  # bytes on disk; selection; Fisher information; fast paths
     {"method"},  # what a plugin implements: Method, Plan, Adapter, deltas
     {"plugins", "heads", "attach"},  # the registry; output heads; the runtime's hooks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -229,3 +230,24 @@ def test_errors() -> None:
         peftkit.fisher_information(TINY_MODELS[0].fresh(), [], progress=False)
     with pytest.raises(ConfigError, match="candidates"):
         peftkit.fisher_mask(TINY_MODELS[0].fresh(), _data(TINY_MODELS[0]), candidates=["nope"], progress=False)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream", "progress", "drawn"), [
+    (_Terminal, True, True),  # a terminal: tqdm's bar
+    (io.StringIO, True, False),  # a log file or pipe: nothing (tqdm's disable=None)
+    (_Terminal, False, False),  # progress=False: nothing anywhere
+])
+def test_fisher_progress_is_a_tqdm_bar_on_terminals_only(monkeypatch: pytest.MonkeyPatch, stream: type[io.StringIO],
+                                                         progress: bool, drawn: bool) -> None:
+    err = stream()
+    monkeypatch.setattr("sys.stderr", err)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+    peftkit.fisher_information(net, [(x, torch.arange(6) % 3)], samples=6, progress=progress)
+    text = err.getvalue()
+    assert ("Fisher information" in text and "6/6" in text and "samples/s" in text) == drawn, text

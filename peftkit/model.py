@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import math
 import os
 import re
@@ -103,6 +104,18 @@ class AdaptedModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self._watch()
+        self._present_signature()
+
+    def _present_signature(self) -> None:
+        # Tools that read forward's signature (transformers' Trainer dropping the dataset columns the
+        # model does not take, Lightning, torch.export) must see the backbone's arguments, not
+        # (*args, **kwargs): an instance-level forward carries them. It holds the model weakly, so
+        # that dropping the AdaptedModel still releases the backbone at once.
+        try:
+            signature = inspect.signature(self.base_model.forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: keep the class's
+            return
+        self.__dict__["forward"] = _Forward(self, signature)
 
     def _watch(self) -> None:
         # An AdaptedModel that goes away without unwrap() takes its hooks with it: the backbone is then
@@ -117,6 +130,7 @@ class AdaptedModel(nn.Module):
         state = dict(parent() if parent is not None else self.__dict__)
         state.pop("_finalizer", None)
         state.pop("_lock", None)
+        state.pop("forward", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -125,6 +139,7 @@ class AdaptedModel(nn.Module):
         self.__dict__["_lock"] = threading.RLock()
         if not self.__dict__.get("_detached"):
             self._watch()
+        self._present_signature()
 
     # -- attribute access falls through to the backbone (e.g. a transformers model's .config) -------
     def __getattr__(self, name: str) -> Any:
@@ -762,6 +777,23 @@ def ensure_unwrapped(model: nn.Module) -> None:
             "AdaptedModel instead (m.add_adapter(...), m.load_adapter(file)), or call its unwrap() first. (A "
             "copy.deepcopy of a wrapped backbone carries the hooks too: copy the backbone before wrapping it, or "
             "copy the AdaptedModel.)")
+
+
+class _Forward:
+    """An AdaptedModel's ``forward`` bound to it weakly, with the backbone's signature (see
+    ``AdaptedModel._present_signature``)."""
+
+    __slots__ = ("__signature__", "model")
+
+    def __init__(self, model: AdaptedModel, signature: inspect.Signature) -> None:
+        self.model = weakref.ref(model)
+        self.__signature__ = signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model()
+        if model is None:
+            raise ReferenceError("the AdaptedModel this forward belonged to is gone")
+        return type(model).forward(model, *args, **kwargs)
 
 
 class _TrainsInside:

@@ -50,3 +50,48 @@ def test_hugging_face_trainer_keeps_the_columns_the_backbone_takes(tmp_path: Pat
                                           report_to="none", save_strategy="no", use_cpu=True, learning_rate=1e-2)
     transformers.Trainer(model=m, args=args, train_dataset=rows).train()
     assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if p.requires_grad)
+
+
+def _rows(n: int = 16) -> list[dict[str, object]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 64, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": int(i % 2)} for i in range(n)]
+
+
+def test_adapter_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path: Path) -> None:
+    from peftkit.hf import ADAPTER_FILE, AdapterTrainer
+
+    def run(out: Path, resume: str | None = None) -> peftkit.AdaptedModel:
+        m = peftkit.wrap(_bert(), "lora", r=2)
+        if resume is not None:  # a resumed run must take the checkpoint's values, not start from these
+            with torch.no_grad():
+                for p in m.peft_adapters.parameters():
+                    p.add_(0.5)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                              report_to="none", use_cpu=True, learning_rate=1e-2, seed=0)
+        AdapterTrainer(model=m, args=args, train_dataset=_rows()).train(resume_from_checkpoint=resume)
+        return m
+
+    full = run(tmp_path / "a")
+    for step in (2, 4):
+        ckpt = tmp_path / "a" / f"checkpoint-{step}"
+        assert (ckpt / ADAPTER_FILE).is_file() and (ckpt / "optimizer.pt").is_file()
+        assert not any(f.name.startswith(("model", "pytorch_model")) for f in ckpt.iterdir())  # not the whole model
+    ids = torch.randint(0, 64, (3, 8))
+    with torch.no_grad():
+        want = full.eval()(input_ids=ids).logits
+        loaded = peftkit.load(_bert(), tmp_path / "a" / "checkpoint-4" / ADAPTER_FILE).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
+    # resumed from step 2 in a fresh process state: the adapter and optimizer come back, training ends the same
+    resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-2"))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(input_ids=ids).logits, want)
+
+
+def test_adapter_trainer_refuses_a_plain_model(tmp_path: Path) -> None:
+    from peftkit.errors import ConfigError
+    from peftkit.hf import AdapterTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match="trains an AdaptedModel"):
+        AdapterTrainer(model=_bert(), args=args)

@@ -43,9 +43,16 @@ class AdapterTrainer(transformers.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(unwrap_parallel(self.model), AdaptedModel):
+        adapted = unwrap_parallel(self.model)
+        if not isinstance(adapted, AdaptedModel):
             raise ConfigError(f"AdapterTrainer trains an AdaptedModel (from peftkit.wrap or peftkit.load), got "
                               f"{type(self.model).__name__}; use transformers.Trainer for other models")
+        # the Trainer reads the label arguments (and whether the model returns a loss) from the model's
+        # class; an AdaptedModel's class forward takes (*args, **kwargs): read them from the backbone's
+        backbone = type(adapted.base_model)
+        if self.args.label_names is None:
+            self.label_names = transformers.utils.find_labels(backbone)
+        self.can_return_loss = transformers.utils.can_return_loss(backbone)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         # what Trainer.save_model and every checkpoint call: the adapter file instead of the model's state

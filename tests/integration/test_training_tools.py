@@ -95,3 +95,24 @@ def test_adapter_trainer_refuses_a_plain_model(tmp_path: Path) -> None:
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(ConfigError, match="trains an AdaptedModel"):
         AdapterTrainer(model=_bert(), args=args)
+
+
+def test_adapter_trainer_loads_the_best_checkpoints_adapter_at_the_end(tmp_path: Path) -> None:
+    from peftkit.hf import ADAPTER_FILE, AdapterTrainer
+
+    m = peftkit.wrap(_bert(), "lora", r=2)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, save_steps=2, eval_steps=2,
+                                          eval_strategy="steps", load_best_model_at_end=True,
+                                          metric_for_best_model="loss", greater_is_better=False,
+                                          per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                                          learning_rate=5e-2, seed=0)
+    train = _rows(8)
+    flipped = [{**row, "labels": 1 - int(row["labels"])} for row in train]  # gets worse as training fits: best is early
+    trainer = AdapterTrainer(model=m, args=args, train_dataset=train, eval_dataset=flipped)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6"), best  # not simply the last state
+    ids = torch.randint(0, 64, (3, 8))
+    with torch.no_grad():
+        from_file = peftkit.load(_bert(), Path(best) / ADAPTER_FILE).eval()(input_ids=ids).logits
+        torch.testing.assert_close(m.eval()(input_ids=ids).logits, from_file, rtol=0, atol=0)

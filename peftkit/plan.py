@@ -116,9 +116,6 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
     chosen = set(paths)
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
     planned = {p: dict(spec) for p, spec in decided.targets.items() if p in chosen or not is_under(p, avoid)}
-    missing = [p for p in [*planned, *decided.train] if not _exists(model, p)]
-    if missing:
-        raise PluginError(f"method {m.name!r}: plan() names modules the model does not have: {missing[:3]}")
     return AdapterPlan(m, info, planned, _outermost(model, train_paths + list(decided.train)), fresh,
                        (output, dict(heads)) if heads is not None and output is not None else None,
                        {p: dict(v) for p, v in decided.values.items() if p in planned})
@@ -145,7 +142,8 @@ def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: l
 
 
 def _planned(m: Method[Any], context: PlanContext) -> Plan:
-    """The method's plan, checked: a :class:`Plan` whose specs can be saved in a file."""
+    """The method's plan, checked: a :class:`Plan` naming modules the model has, whose specs can be
+    saved in a file (for :func:`make_plan` and :func:`plan_for` alike)."""
     try:
         decided = m.plan(context)
     except PeftkitError:
@@ -154,6 +152,9 @@ def _planned(m: Method[Any], context: PlanContext) -> Plan:
         raise PluginError(f"method {m.name!r} raised {type(exc).__name__} while planning: {str(exc)[:300]}") from exc
     if not isinstance(decided, Plan):
         raise PluginError(f"method {m.name!r}: plan() returned {type(decided).__name__}; it must return a peftkit.method.Plan")
+    missing = [p for p in [*decided.targets, *decided.train] if not _exists(context.model, p)]
+    if missing:
+        raise PluginError(f"method {m.name!r}: plan() names modules the model does not have: {missing[:3]}")
     for path, spec in decided.targets.items():
         try:
             json.dumps(spec, allow_nan=False)

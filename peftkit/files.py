@@ -33,11 +33,12 @@ from .plugins import MethodInfo, get_method
 from .targets import nearest_names
 
 __all__ = [
-    "FORMAT_VERSION", "AdapterHeader", "check_swappable", "check_tensors", "describe_targets", "file_metadata",
+    "FORMAT_VERSION", "RESERVED_PREFIX", "AdapterHeader", "check_swappable", "check_tensors", "describe_targets", "file_metadata",
     "fingerprint", "is_safetensors", "plan_from_header", "read_adapter", "read_header", "read_swap",
 ]
 
 FORMAT_VERSION = "1"
+RESERVED_PREFIX = "peftkit."  # header keys peftkit writes; the rest are the application's (save(metadata=...))
 _KEYS = ("peftkit.format", "peftkit.method", "peftkit.plugin", "peftkit.config", "peftkit.targets", "peftkit.backbone")
 
 
@@ -131,6 +132,11 @@ class AdapterHeader:
                 n *= s
             total += n * container.DTYPES[dtype].itemsize
         return total
+
+    @property
+    def user_metadata(self) -> dict[str, str]:
+        """The entries the application stored with ``save(metadata=...)`` (keys not starting with ``peftkit.``)."""
+        return {k: v for k, v in self.metadata.items() if not k.startswith(RESERVED_PREFIX)}
 
 
 _ROLES = ("target", "train", "head", "heads")

@@ -7,6 +7,7 @@ The file format and its checks are in :mod:`peftkit.files`; other formats (Huggi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from . import container, sharding
 from .errors import ConfigError
-from .files import AdapterHeader, file_metadata, is_safetensors, read_adapter, read_header
+from .files import RESERVED_PREFIX, AdapterHeader, file_metadata, is_safetensors, read_adapter, read_header
 from .formats import find_format, import_adapter
 from .model import AdaptedModel, attach, check_name, ensure_unwrapped
 
@@ -30,7 +31,7 @@ def _adapted(model: object) -> AdaptedModel:
 
 
 def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None, *,
-         writer: int | None = 0) -> Path:
+         writer: int | None = 0, metadata: Mapping[str, str] | None = None) -> Path:
     """Write one adapter's tensors and metadata to ``path`` (atomically: temp file + rename).
 
     Under ``torch.distributed`` only rank ``writer`` writes. On a model sharded with FSDP2 every rank
@@ -43,11 +44,15 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         path: Destination ``.safetensors`` file.
         adapter: Which adapter; default: the only adapter, or the only active one.
         writer: The rank that writes when distributed; None: every rank that calls it writes.
+        metadata: Extra string entries for the file's header (what the application needs to use
+            the adapter, e.g. class names); read back as :attr:`AdapterHeader.user_metadata`. Keys
+            starting with ``peftkit.`` are reserved.
 
     Returns:
         The path written (or that rank ``writer`` wrote).
     """
     model = _adapted(model)
+    extra = _user_metadata(metadata)
     entry = model.get_adapter(adapter)
     adapter = entry.name
     if adapter in model.merged_adapters:
@@ -63,13 +68,32 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was "
                           "written (a file with them would be refused when loaded). Lower the learning rate, or "
                           "load an earlier checkpoint.")
-    meta = file_metadata(base, adapter, entry.method, entry.info, entry.modules)
+    meta = {**extra, **file_metadata(base, adapter, entry.method, entry.info, entry.modules)}
     dest = Path(path)
     if writer is None or sharding.rank() == writer:
         container.write_atomic(dest, tensors, meta)
     if sharded and sharding.world_size() > 1:
         torch.distributed.barrier()  # the file exists on every rank's return
     return dest
+
+
+def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ConfigError(f"metadata must be a mapping of strings to strings, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"metadata entries must be strings (JSON-encode other values); {key!r} maps to a "
+                              f"{type(value).__name__}")
+        if key.startswith(RESERVED_PREFIX) or not key:
+            raise ConfigError(f"metadata key {key!r} is reserved or empty; keys starting with {RESERVED_PREFIX!r} "
+                              "belong to peftkit's own header")
+    if sum(len(k) + len(v) for k, v in metadata.items()) > container.MAX_HEADER // 4:
+        raise ConfigError(f"metadata is over {container.MAX_HEADER // 4} characters; adapter headers are bounded "
+                          f"({container.MAX_HEADER} bytes) so that readers can refuse hostile files. Store large data "
+                          "next to the adapter file instead.")
+    return dict(metadata)
 
 
 def hotswap(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None = None) -> str:

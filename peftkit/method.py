@@ -266,6 +266,8 @@ class Method(Generic[ConfigT]):
             them (FISH): a delta on a tensor that other modules share (tied weights) then applies
             in all of them, as training the parameter itself would. Otherwise (LoRA, as in PEFT) it
             applies in the targeted module only.
+        learning_rate: An AdamW learning rate that usually works for this method's parameters
+            (``peftkit train`` uses it when no ``--lr`` is given); None: no advice (1e-3 is used).
     """
 
     name: ClassVar[str] = ""
@@ -274,6 +276,7 @@ class Method(Generic[ConfigT]):
     hash_base_values: ClassVar[bool] = False
     adapts_targets: ClassVar[bool] = True
     follows_ties: ClassVar[bool] = False
+    learning_rate: ClassVar[float | None] = None
 
     def __init__(self, config: ConfigT) -> None:
         self.config: ConfigT = config

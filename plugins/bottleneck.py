@@ -390,6 +390,7 @@ def default_targets(model: nn.Module, placement: str, parallel: bool = False) ->
 class _Bottleneck(peftkit.Method[BottleneckConfig]):
     Config = BottleneckConfig
     parallel = False
+    learning_rate = 1e-3
 
     def default_targets(self, model: nn.Module) -> list[str]:
         """After the attention and the feed-forward block of each transformer layer, one per CNN

@@ -132,6 +132,7 @@ class Fish(peftkit.Method[FishConfig]):
     Config = FishConfig
     hash_base_values = True  # deltas are for these exact base values
     follows_ties = True  # it trains entries of parameters: a tied parameter changes wherever it is used
+    learning_rate = 5e-4  # it trains entries of the pretrained weights themselves, as fine-tuning does
 
     def plan(self, context: peftkit.PlanContext) -> peftkit.Plan:
         """The parameters' entries to train: the given ``mask``, or the top ``keep`` fraction by

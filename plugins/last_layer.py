@@ -32,6 +32,7 @@ class LastLayer(peftkit.Method[LastLayerConfig]):
     name = "last_layer"
     Config = LastLayerConfig
     adapts_targets = False
+    learning_rate = 3e-3  # a linear layer on frozen features takes a larger step
 
     def plan(self, context: peftkit.PlanContext) -> peftkit.Plan:
         """The output layer (unless ``head=``/``heads=`` replace it) and the last ``unfreeze`` blocks."""

@@ -526,6 +526,7 @@ class LoRA(peftkit.Method[LoraConfig]):
 
     name = "lora"
     Config = LoraConfig
+    learning_rate = 1e-3
 
     def can_adapt(self, module: nn.Module) -> bool:
         if isinstance(module, _CONVS):

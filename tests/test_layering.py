@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"formats", "recipes", "distributed"},  # other file formats; training recipes; FSDP2
     {"io"},  # save, load, hotswap
     {"__init__"},  # the public API
-    {"demo", "testing", "hf"},  # users of the public API; the transformers Trainer integration
+    {"demo", "testing", "hf", "classify", "lightning"},  # users of the public API: demo, kit, trainers, `peftkit train`
     {"cli"},  # the command line
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

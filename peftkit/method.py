@@ -168,6 +168,12 @@ class Adapter(nn.Module):
         others run the target's own forward with the weight-space form). Default: every call."""
         return True
 
+    def output_side_parameters(self) -> list[nn.Parameter]:
+        """Parameters on the output side of a factorised update, initialised at zero (LoRA's ``B``):
+        LoRA+ (Hayou et al. 2024) trains them at a higher learning rate than the input side
+        (:func:`peftkit.param_groups` with ``lora_plus_ratio``). Default: none."""
+        return []
+
     def validate(self, module: nn.Module) -> None:
         """Check values just loaded from a file, before the adapter is attached (optional): raise
         ``ValueError`` saying what does not fit ``module`` (e.g. FISH's positions past the end of

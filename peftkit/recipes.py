@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .method import Adapter
 from .model import AdaptedModel
 from .targets import find_blocks, find_output_layer, is_under
 
@@ -23,7 +24,8 @@ def _depths(base: nn.Module) -> tuple[str | None, list[str], list[str]]:
     return output, blocks, [p for p, _ in base.named_modules()]
 
 
-def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, **group_options: Any) -> list[dict[str, Any]]:
+def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, *, lora_plus_ratio: float | None = None,
+                 **group_options: Any) -> list[dict[str, Any]]:
     """Optimizer parameter groups with learning rates that diminish towards the input.
 
     Depth is counted in blocks of the backbone's main stage (:func:`peftkit.targets.find_blocks`)
@@ -35,15 +37,23 @@ def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, **gr
         model: An AdaptedModel (any method).
         lr: Learning rate at the output.
         decay: Factor per block towards the input, in (0, 1].
+        lora_plus_ratio: LoRA+ (Hayou et al. 2024): the adapters' output-side parameters (LoRA's
+            ``B``, :meth:`~peftkit.Adapter.output_side_parameters`) train at this many times their
+            depth's learning rate, in groups of their own (``"lora_plus": True``); the paper
+            recommends 16. None: no such groups.
         **group_options: Extra keys for every group (e.g. ``weight_decay=0.01``).
 
     Returns:
-        Groups sorted by depth: ``{"params", "lr", "depth", "modules"}`` plus ``group_options``.
+        Groups sorted by depth: ``{"params", "lr", "depth", "modules", "lora_plus"}`` plus ``group_options``.
     """
     if not isinstance(model, AdaptedModel):
         raise ConfigError(f"param_groups takes an AdaptedModel (from peftkit.wrap), got {type(model).__name__}")
     if not 0 < decay <= 1:
         raise ConfigError(f"decay={decay!r} is invalid; expected a factor in (0, 1], e.g. 0.8")
+    if lora_plus_ratio is not None and (isinstance(lora_plus_ratio, bool) or not isinstance(lora_plus_ratio, (int, float))
+                                        or not 0 < lora_plus_ratio < float("inf")):
+        raise ConfigError(f"lora_plus_ratio={lora_plus_ratio!r} is invalid; expected a positive factor, e.g. 16 "
+                          "(or None for no LoRA+ groups)")
     base = model.base_model
     output, blocks, order = _depths(base)
     last_block_end = max((i for i, p in enumerate(order) if blocks and is_under(p, [blocks[-1]])), default=-1)
@@ -56,23 +66,28 @@ def param_groups(model: AdaptedModel, lr: float = 1e-3, decay: float = 0.8, **gr
                 return len(blocks) - i
         return 0 if order.index(path) > last_block_end else len(blocks) + 1
 
-    groups: dict[int, dict[str, Any]] = {}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name in model.active_adapters:
         mods = model.get_adapter(name).modules  # the AdapterSet in model.peft_adapters[name]
         owned: list[tuple[str, nn.Module]] = [*mods.items(), *mods.train_items()]
         if mods.heads is not None and mods.heads_path is not None:
             owned.append((mods.heads_path, mods.heads))
         for path, module in owned:
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                continue
+            fast = ({id(p) for p in module.output_side_parameters()}
+                    if lora_plus_ratio is not None and isinstance(module, Adapter) else set())
             d = depth(path)
-            g = groups.setdefault(d, {"params": [], "lr": lr * decay**d, "depth": d, "modules": [], **group_options})
-            g["params"].extend(params)
-            g["modules"].append(path)
+            for plus in (False, True):
+                params = [p for p in module.parameters() if p.requires_grad and (id(p) in fast) == plus]
+                if not params:
+                    continue
+                rate = lr * decay**d * (lora_plus_ratio if plus and lora_plus_ratio is not None else 1.0)
+                g = groups.setdefault((d, plus), {"params": [], "lr": rate, "depth": d, "modules": [],
+                                                  "lora_plus": plus, **group_options})
+                g["params"].extend(params)
+                g["modules"].append(path)
     seen = [id(p) for g in groups.values() for p in g["params"]]
     assert len(seen) == len(set(seen)), "a parameter landed in two groups"
-    return [groups[d] for d in sorted(groups)]
+    return [groups[k] for k in sorted(groups)]
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -3,7 +3,9 @@
 ``r * (in + out)`` trainable values instead of ``in * out``. ``s = alpha / r`` (``alpha / sqrt(r)``
 with rslora). Targets: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (a k x k conv in -> r, then a 1 x 1 conv
 r -> out, group-wise for grouped convs), ``nn.Embedding``, ``nn.MultiheadAttention`` (its packed
-in-projection and its ``out_proj``) and Hugging Face ``Conv1D`` (weight stored transposed).
+in-projection and its ``out_proj``), Hugging Face ``Conv1D`` (weight stored transposed), and
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` (every input, hidden and projection weight of every layer and
+direction; the adapted weights are substituted for the module's own, so it runs its own kernels).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LoraConfig:
     r: int = 8  # rank of the update
     alpha: float = 8.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
-    dropout: float = 0.0  # dropout on the adapter's input (output-space form; MHA targets ignore it)
+    dropout: float = 0.0  # dropout on the adapter's input (output-space form; MHA and recurrent targets ignore it)
     init: str | bool = "kaiming"  # "kaiming": A kaiming-uniform, B zero | "gaussian": A ~ N(0, 1/r), B zero | False: random
     bias: str = "none"  # "none" | "lora_only": train a bias delta on each target | "all": on every bias in the model
     fan_in_fan_out: bool = False  # target weights stored (in, out), as in Hugging Face Conv1D (detected automatically)
@@ -71,8 +73,16 @@ class LoraConfig:
 def _own_weight(module: nn.Module) -> bool:
     """Whether the layer holds its weight as a tensor of its own (not one that a parametrization or
     a weight_norm hook computes on each call, which LoRA's delta cannot be added to)."""
+    if isinstance(module, nn.RNNBase):
+        return all(isinstance(module._parameters.get(n), torch.Tensor) for n in _recurrent_weights(module))
     names = ("in_proj_weight", "q_proj_weight") if isinstance(module, nn.MultiheadAttention) else ("weight",)
     return any(isinstance(module._parameters.get(n), torch.Tensor) for n in names)
+
+
+def _recurrent_weights(module: nn.RNNBase) -> list[str]:
+    """An LSTM/GRU/RNN's weight matrices: ``weight_ih_l{k}``, ``weight_hh_l{k}`` and, with
+    ``proj_size``, ``weight_hr_l{k}``, each also ``_reverse`` when bidirectional."""
+    return [n for n in module._flat_weights_names if n.startswith("weight_")]
 
 
 def _conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
@@ -204,6 +214,13 @@ class _ConvLowRankGradient(torch.autograd.Function):
         return g, None, grad_a, grad_b, grad_bias, None, None
 
 
+class _LoRAAdapter(peftkit.Adapter):
+    """What every LoRA adapter shares: its ``lora_B`` factors are the output side (LoRA+)."""
+
+    def output_side_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.rpartition(".")[2] == "lora_B"]
+
+
 class LowRank(nn.Module):
     """A low-rank delta for one 2-D weight (out x in), optionally with a bias delta."""
 
@@ -221,7 +238,7 @@ class LowRank(nn.Module):
         return LowRankDelta(self.lora_B, self.lora_A, self.scale)  # (out, in)
 
 
-class LinearLoRA(peftkit.Adapter):
+class LinearLoRA(_LoRAAdapter):
     """LoRA on a Linear (or transposed Conv1D) layer."""
 
     lora_A: nn.Parameter  # (r, in), set by _init_pair
@@ -261,7 +278,7 @@ class LinearLoRA(peftkit.Adapter):
         return deltas
 
 
-class ConvLoRA(peftkit.Adapter):
+class ConvLoRA(_LoRAAdapter):
     """LoRA on a Conv1d/2d/3d: a k x k conv in -> r then a 1 x 1 conv r -> out, both per group."""
 
     lora_A: nn.Parameter  # (r, in/groups, *kernel), set by _init_pair
@@ -330,7 +347,7 @@ class ConvLoRA(peftkit.Adapter):
         return deltas
 
 
-class EmbeddingLoRA(peftkit.Adapter):
+class EmbeddingLoRA(_LoRAAdapter):
     """LoRA on an Embedding: rows of ``A.T`` (num x r) are looked up, then projected by ``B``."""
 
     lora_A: nn.Parameter  # (r, num), set by _init_pair
@@ -389,7 +406,7 @@ def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return folded
 
 
-class MultiheadAttentionLoRA(peftkit.Adapter):
+class MultiheadAttentionLoRA(_LoRAAdapter):
     """LoRA on nn.MultiheadAttention: on its packed (or separate) in-projection and its out_proj.
 
     The module reads these weights directly, inside one functional call, so outside training this
@@ -510,6 +527,34 @@ class MultiheadAttentionLoRA(peftkit.Adapter):
         return out, weights
 
 
+class RecurrentLoRA(_LoRAAdapter):
+    """LoRA on an LSTM/GRU/RNN: one low-rank delta per weight matrix (``weight_ih_l0``,
+    ``weight_hh_l0_reverse``, ``weight_hr_l1``, ...), each (gates x hidden, in).
+
+    Weight space only: the core substitutes ``W + s * B @ A`` for the module's weights for the
+    duration of its forward, so the module runs its own fused (cuDNN, MKL-DNN) kernels. With
+    ``bias``, each input weight's delta carries a delta on the matching ``bias_ih``.
+    """
+
+    def __init__(self, module: nn.RNNBase, r: int, scale: float, init: str | bool, bias: bool) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict()
+        for name in _recurrent_weights(module):
+            w = _tensor(module, name)
+            bias_name = name.replace("weight_ih", "bias_ih")
+            with_bias = bias and name.startswith("weight_ih") and isinstance(getattr(module, bias_name, None), torch.Tensor)
+            self.parts[name] = LowRank(w.shape[1], w.shape[0], r, scale, w, init, with_bias)
+
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        deltas: dict[str, Delta] = {}
+        for name, part in self.parts.items():
+            assert isinstance(part, LowRank)
+            deltas[name] = part.weight_delta()
+            if part.lora_bias is not None:
+                deltas[name.replace("weight_ih", "bias_ih")] = part.lora_bias
+        return deltas
+
+
 class BiasDelta(peftkit.Adapter):
     """A trainable delta on a module's bias only (``bias="all"`` on modules that are not targets)."""
 
@@ -522,7 +567,7 @@ class BiasDelta(peftkit.Adapter):
 
 
 class LoRA(peftkit.Method[LoraConfig]):
-    """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding and MultiheadAttention layers."""
+    """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding, attention and LSTM/GRU/RNN layers."""
 
     name = "lora"
     Config = LoraConfig
@@ -531,11 +576,11 @@ class LoRA(peftkit.Method[LoraConfig]):
     def can_adapt(self, module: nn.Module) -> bool:
         if isinstance(module, _CONVS):
             return True
-        return isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention)) or _is_hf_conv1d(module)
+        return isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)) or _is_hf_conv1d(module)
 
     def default_targets(self, model: nn.Module) -> list[str]:
-        """Every Linear/Conv layer (and MultiheadAttention) except the output layer(s); depthwise convs
-        are skipped (a per-channel k x k filter has no low-rank structure to exploit)."""
+        """Every Linear/Conv layer (and MultiheadAttention, LSTM, GRU, RNN) except the output layer(s);
+        depthwise convs are skipped (a per-channel k x k filter has no low-rank structure to exploit)."""
         heads = output_layers(model).all  # the output layer, or every layer producing an output
         paths = []
         for path, m in model.named_modules():
@@ -543,7 +588,7 @@ class LoRA(peftkit.Method[LoraConfig]):
                 continue
             if isinstance(m, _CONVS) and m.groups > 1 and m.in_channels == m.groups:
                 continue
-            if (isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention)) or _is_hf_conv1d(m)) and _own_weight(m):
+            if (isinstance(m, (nn.Linear, *_CONVS, nn.MultiheadAttention, nn.RNNBase)) or _is_hf_conv1d(m)) and _own_weight(m):
                 paths.append(path)
         return paths
 
@@ -584,6 +629,8 @@ class LoRA(peftkit.Method[LoraConfig]):
         bias = c.bias != "none"
         if isinstance(module, nn.MultiheadAttention):
             return MultiheadAttentionLoRA(module, r, scale, init, bias)
+        if isinstance(module, nn.RNNBase):
+            return RecurrentLoRA(module, r, scale, init, bias)
         if isinstance(module, _CONVS):
             return ConvLoRA(module, r, scale, c.dropout, init, bias)
         if isinstance(module, nn.Embedding):
@@ -593,7 +640,7 @@ class LoRA(peftkit.Method[LoraConfig]):
             return LinearLoRA(module, r, scale, c.dropout, init, bias, transposed)
         raise TargetError(
             f"lora cannot adapt {path!r} ({type(module).__name__}); it adapts Linear, Conv1d/2d/3d, Embedding, "
-            "MultiheadAttention and Hugging Face Conv1D layers"
+            "MultiheadAttention, LSTM/GRU/RNN and Hugging Face Conv1D layers"
         )
 
 

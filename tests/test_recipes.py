@@ -35,6 +35,37 @@ def test_param_groups_with_unfrozen_blocks() -> None:
     assert [(g["modules"], g["depth"]) for g in groups] == [(["fc"], 0), (["layer4"], 1), (["layer3"], 2)]
 
 
+def test_lora_plus_gives_b_its_own_groups_at_ratio_times_the_rate() -> None:
+    m = peftkit.wrap(torchvision.models.resnet18(), "lora", r=2, head=10)
+    plain = peftkit.param_groups(m, lr=1.0, decay=0.5)
+    groups = peftkit.param_groups(m, lr=1.0, decay=0.5, lora_plus_ratio=16)
+    names = {id(p): n for n, p in m.named_parameters()}
+    for g in groups:
+        assert all(names[id(p)].endswith("lora_B") == g["lora_plus"] for p in g["params"])
+        assert g["lr"] == 0.5 ** g["depth"] * (16 if g["lora_plus"] else 1)
+    # the fresh head (no B) stays in its depth's plain group; every trainable parameter lands once
+    assert [g["modules"] for g in groups if g["depth"] == 0] == [["fc"]]
+    params = [id(p) for g in groups for p in g["params"]]
+    assert sorted(params) == sorted(id(p) for g in plain for p in g["params"])
+    assert len(params) == len(set(params))
+    assert all(not g["lora_plus"] for g in plain) and len(groups) == 2 * len(plain) - 1
+    # methods without an output side (adapters, last layer) get no extra groups
+    ad = peftkit.wrap(torchvision.models.resnet18(), "serial_adapter", head=10)
+    assert not any(g["lora_plus"] for g in peftkit.param_groups(ad, lora_plus_ratio=16))
+    for bad in (0, -1, float("inf"), True, "16"):
+        with pytest.raises(ConfigError, match="lora_plus_ratio"):
+            peftkit.param_groups(m, lora_plus_ratio=bad)  # type: ignore[arg-type]
+
+
+def test_lora_plus_covers_every_lora_layer_kind() -> None:
+    net = nn.Sequential(nn.Embedding(10, 8), nn.LSTM(8, 8, batch_first=True))
+    m = peftkit.wrap(net, "lora", targets=["0", "1"], r=2)
+    fast = [p for g in peftkit.param_groups(m, lora_plus_ratio=4) if g["lora_plus"] for p in g["params"]]
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert sorted(names[id(p)] for p in fast) == sorted(n for n in names.values() if n.endswith("lora_B"))
+    assert len(fast) == 1 + 2  # the embedding's B, the LSTM's two weight matrices' Bs
+
+
 def test_anchored_loss_matches_hand_value_and_has_no_base_gradient() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

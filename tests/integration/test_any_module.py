@@ -221,8 +221,8 @@ def test_messages_that_used_to_mislead() -> None:
     assert len(peftkit.wrap(r3d, "serial_adapter", targets=nn.Conv3d).peft_adapters["default"].paths) > 10
     lstm = BY_NAME["lstm"].build()
     with pytest.raises(TargetError, match=r"cannot adapt: rnn \(LSTM\)\. Nothing inside them can be adapted either; "
-                                          r"in RecurrentClassifier, 'lora' can adapt: Embedding"):
-        peftkit.wrap(lstm, "lora", targets=["rnn"])
+                                          r"in RecurrentClassifier, 'ia3' can adapt: Linear \(e\.g\. head\)"):
+        peftkit.wrap(lstm, "ia3", targets=["rnn"])
     with pytest.raises(TargetError, match="No module name is close to 'xyzzy'; the most common names"):
         peftkit.wrap(lstm, "lora", targets=["xyzzy"])
     with pytest.raises(TargetError, match="Nearest module names: rnn"):

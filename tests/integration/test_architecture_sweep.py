@@ -31,8 +31,6 @@ METHODS: dict[str, dict[str, Any]] = {
 _NO_HEAD = "needs the model's single output layer"
 # (architecture, method) -> why wrapping is refused. Every other pair must work.
 REFUSED = {
-    ("lstm", "lora"): "found no default targets",  # LoRA on LSTM/GRU weights: a later issue
-    ("gru", "lora"): "found no default targets",
     **{(a, "last_layer"): _NO_HEAD for a in ("bert", "distilbert", "clip", "fasterrcnn")},
     # IA3 (the example plugin) scales Linear and Conv2d outputs only
     **{(a, "ia3"): "found no default targets" for a in ("gpt2", "lstm", "gru", "conv1d", "r3d")},
@@ -48,6 +46,8 @@ PEFT_REFUSED = {
     "r3d": "whose constructor does not take",  # PEFT builds LoRA factors with the layer's class (Conv3DSimple)
     "whisper": "WhisperEncoder reads its stride",  # PEFT's LoRA layer has no stride
     "timm_mobilevitv2": "PEFT cannot apply LoRA to .*qkv_proj",  # its cross-attention path reads the weight
+    "lstm": "RecurrentLoRA has no PEFT equivalent",  # PEFT has no LoRA layer for LSTM/GRU/RNN
+    "gru": "RecurrentLoRA has no PEFT equivalent",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -454,3 +455,92 @@ def test_training_fold_under_autocast_gives_float32_gradients() -> None:
     for f, b in zip(full, mixed, strict=True):
         assert b.dtype == torch.float32
         assert (b - f).norm() <= 0.05 * f.norm()
+
+
+# -- recurrent layers -------------------------------------------------------------------------------
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase], **options: object) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.rnn = kind(6, 8, batch_first=True, **options)
+        width = (self.rnn.proj_size or 8) * (2 if self.rnn.bidirectional else 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.rnn(self.emb(x))[0].mean(1))  # every step: every weight gets a gradient
+        return out
+
+
+def _reference(m: peftkit.AdaptedModel, rnn: nn.RNNBase, adapter: nn.Module,
+               x: torch.Tensor | nn.utils.rnn.PackedSequence) -> Any:
+    """The recurrent layer run with W + s B A written out, through torch.func.functional_call (with
+    the adapters disabled, so that the layer's own hooks add nothing)."""
+    params = dict(rnn.named_parameters())
+    for name, part in adapter.parts.items():
+        params[name] = params[name] + part.scale * part.lora_B @ part.lora_A
+        if part.lora_bias is not None:
+            params[name.replace("weight_ih", "bias_ih")] = params[name.replace("weight_ih", "bias_ih")] + part.lora_bias
+    with m.disable_adapters():
+        return torch.func.functional_call(rnn, params, (x,))[0]
+
+
+RECURRENT = [(nn.LSTM, {"num_layers": 2, "bidirectional": True, "proj_size": 3}), (nn.LSTM, {}),
+             (nn.GRU, {"num_layers": 2, "bidirectional": True}), (nn.RNN, {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize(("kind", "options"), RECURRENT, ids=["lstm-proj-bi", "lstm", "gru-bi", "rnn"])
+def test_recurrent_layers_every_weight_formula_merge_and_file(kind: type[nn.RNNBase], options: dict[str, object],
+                                                              tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Recurrent(kind, **options)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 20, (4, 5))
+    m = peftkit.wrap(model, "lora", r=2)
+    assert m.peft_adapters["default"].paths == ["rnn"]  # a default target; the head is the output layer
+    adapter = _lora(m, "rnn")
+    names = [n for n, _ in model.rnn.named_parameters() if n.startswith("weight_")]
+    assert sorted(adapter.parts) == sorted(names)  # every layer, direction, and the projection
+    with torch.no_grad():
+        m.eval()
+        torch.testing.assert_close(m(x), model.head(_reference(m, model.rnn, adapter, model.emb(x)).mean(1)))
+        with m.disable_adapters():
+            base = m(x)
+        torch.testing.assert_close(m(x), base, rtol=0, atol=0)  # identity at init: B = 0
+        for part in adapter.parts.values():
+            part.lora_B.normal_()
+    m.train()
+    out = m(x)
+    torch.testing.assert_close(out, model.head(_reference(m, model.rnn, adapter, model.emb(x)).mean(1)))
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    for k, v in model.state_dict().items():  # frozen means frozen
+        torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
+    m.eval()
+    with torch.no_grad():
+        unmerged = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-6)
+        m.unmerge()
+        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+    path = peftkit.save(m, tmp_path / "rnn.safetensors")
+    torch.manual_seed(0)
+    again = peftkit.load(_Recurrent(kind, **options), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), unmerged, rtol=0, atol=0)
+
+
+def test_recurrent_bias_delta_and_packed_sequences() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 6, num_layers=2)
+    m = peftkit.wrap(nn.Sequential(lstm), "lora", targets=[nn.LSTM], r=2, bias="lora_only", init=False)
+    adapter = _lora(m, "0")
+    with_bias = sorted(n for n, p in adapter.parts.items() if p.lora_bias is not None)
+    assert with_bias == ["weight_ih_l0", "weight_ih_l1"]
+    seqs = [torch.randn(5, 4), torch.randn(3, 4)]
+    packed = nn.utils.rnn.pack_sequence(seqs)
+    out = m(packed)[0]
+    with m.disable_adapters():
+        base = m(packed)[0]
+    torch.testing.assert_close(out.data, _reference(m, lstm, adapter, packed).data)
+    assert not torch.allclose(out.data, base.data)  # the bias and weight deltas apply to packed input too

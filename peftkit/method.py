@@ -210,6 +210,9 @@ class PlanContext:
             counts them inside it, as FISH does).
         output_layer: Path of the model's output layer, if one was found.
         replaced: Whether ``head=``/``heads=`` replace the output layer.
+        parameters: Parameters the user's ``targets`` name (``"pos_embed"``, ``"experts.w1"``):
+            owner module path -> the names of its selected parameters. Only for a method with
+            ``adapts_parameters``; such a method plans them as targets of their owners.
     """
 
     model: nn.Module
@@ -219,6 +222,7 @@ class PlanContext:
     trained_parameters: int
     output_layer: str | None
     replaced: bool
+    parameters: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +276,9 @@ class Method(Generic[ConfigT]):
             them (FISH): a delta on a tensor that other modules share (tied weights) then applies
             in all of them, as training the parameter itself would. Otherwise (LoRA, as in PEFT) it
             applies in the targeted module only.
+        adapts_parameters: Whether ``targets`` may name parameters as well as modules (LoRA on a
+            custom layer's ``weight`` or a learned ``pos_embed``); they reach :meth:`plan` in
+            :attr:`PlanContext.parameters`.
         learning_rate: An AdamW learning rate that usually works for this method's parameters
             (``peftkit train`` uses it when no ``--lr`` is given); None: no advice (1e-3 is used).
     """
@@ -282,6 +289,7 @@ class Method(Generic[ConfigT]):
     hash_base_values: ClassVar[bool] = False
     adapts_targets: ClassVar[bool] = True
     follows_ties: ClassVar[bool] = False
+    adapts_parameters: ClassVar[bool] = False
     learning_rate: ClassVar[float | None] = None
 
     def __init__(self, config: ConfigT) -> None:

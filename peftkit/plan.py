@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ConfigError, PeftkitError, PluginError, TargetError
 from .method import Method, Plan, PlanContext
 from .plugins import MethodInfo, get_method
-from .targets import Selection, is_under, output_layers, select_modules
+from .targets import Selection, is_under, output_layers, select_modules, select_parameters
 
 __all__ = ["AdapterPlan", "make_plan", "plan_for"]
 
@@ -109,9 +109,10 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
         weight = layer.weight
         assert isinstance(weight, torch.Tensor), type(weight).__name__  # the output layer is a projection
         trained += weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
-    paths = _targets(model, m, targets, exclude, avoid)
+    parameters, targets = _parameters(model, m, targets, exclude, avoid)
+    paths = _targets(model, m, targets, exclude, avoid) if targets or not parameters else []
     context = PlanContext(model=model, targets=paths, explicit=targets is not None, train=list(avoid),
-                          trained_parameters=trained, output_layer=output, replaced=replaced)
+                          trained_parameters=trained, output_layer=output, replaced=replaced, parameters=parameters)
     decided = _planned(m, context)
     chosen = set(paths)
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
@@ -172,6 +173,20 @@ def _exists(model: nn.Module, path: str) -> bool:
     return True
 
 
+def _parameters(model: nn.Module, m: Method[Any], targets: Selection,
+                exclude: Selection, avoid: list[str]) -> tuple[dict[str, list[str]], Selection]:
+    """The parameters ``targets`` name (for a method that adapts parameters), and the selection left
+    for modules (None when the user gave no targets; [] when they named parameters only)."""
+    if targets is None or not m.adapts_parameters:
+        return {}, targets
+    parameters, rest = select_parameters(model, targets, exclude)
+    inside = [o for o in parameters if avoid and is_under(o, avoid)]
+    if inside:
+        raise TargetError(f"targets name parameters of {', '.join(repr(o) for o in inside[:3])}, which are trained "
+                          "whole (train=, head=) already; leave them out of one or the other")
+    return parameters, rest
+
+
 def _targets(model: nn.Module, m: Method[Any], targets: Selection, exclude: Selection, avoid: list[str]) -> list[str]:
     """The selected target paths: the user's, or the method's defaults (minus ``exclude`` and ``avoid``)."""
     if not m.adapts_targets:
@@ -181,7 +196,7 @@ def _targets(model: nn.Module, m: Method[Any], targets: Selection, exclude: Sele
     # a rule of its own on top of declared types: say whose rule refused a module of an adapted type
     custom = bool(m.adapts) and type(m).can_adapt is not Method.can_adapt
     if targets is not None:
-        return select_modules(model, targets, exclude, can_adapt=m.can_adapt,
+        return select_modules(model, targets, exclude, can_adapt=m.can_adapt, parameters=m.adapts_parameters,
                               method=f"{m.name!r} ({type(m).__name__}.can_adapt)" if custom else repr(m.name))
     excluded = select_modules(model, exclude, what="exclude") if exclude is not None else []
     paths = [p for p in m.default_targets(model) if not is_under(p, excluded + avoid)]

@@ -34,7 +34,7 @@ Selection = Selector | Sequence[Selector] | None
 
 __all__ = ["OutputLayers", "Selection", "Selector", "attributes_read", "calls_forward", "find_blocks",
            "find_output_layer", "forward_source", "host_of", "is_projection", "is_under", "matches", "nearest_names",
-           "output_layers", "pattern_problem", "select_modules", "tied_aliases"]
+           "output_layers", "pattern_problem", "select_modules", "select_parameters", "tied_aliases"]
 
 
 def _as_list(selection: Selection) -> list[Selector]:
@@ -169,11 +169,13 @@ def select_modules(
     can_adapt: Callable[[nn.Module], bool] = lambda m: True,
     what: str = "targets",
     method: str = "this method",
+    parameters: bool = False,
 ) -> list[str]:
     """Paths of the modules that ``targets`` selects, minus ``exclude`` and everything under it.
 
     A module selected by its name or suffix must be adaptable (else an error); modules that only a
-    pattern (regex, type, callable) selects are kept when ``can_adapt`` accepts them.
+    pattern (regex, type, callable) selects are kept when ``can_adapt`` accepts them. With
+    ``parameters`` (the method adapts named parameters), refusing a module names its parameters.
 
     Raises:
         TargetError: the selection matches nothing (the message lists the nearest names), matches
@@ -202,6 +204,11 @@ def select_modules(
         hint = (f" Select the layers inside them instead (by suffix, regex or type), e.g. {', '.join(inner[:3])}."
                 if inner else f" Nothing inside them can be adapted either; in {type(model).__name__}, {method} can "
                               f"adapt: {_adaptable(model, can_adapt)}.")
+        named_params = [f"{r}.{n}" if r else n for r in refused for n, t in model.get_submodule(r).named_parameters()
+                        if t.dim() >= 2] if parameters else []
+        if named_params:
+            hint += (f" Or name the parameters they read, which {method} adapts: "
+                     f"{', '.join(named_params[:3])}{' …' if len(named_params) > 3 else ''}.")
         raise TargetError(f"{what} {selectors!r} name modules {method} cannot adapt: {kinds}.{hint}")
     if not chosen:
         if unfit:
@@ -213,15 +220,58 @@ def select_modules(
                               f"adapt; {hint}.")
         wanted = next((s for s in selectors if isinstance(s, str)), "")
         owner, _, leaf = wanted.rpartition(".")
-        if owner and leaf in dict(modules).get(owner, nn.Module())._parameters:
-            raise TargetError(f"{what} {selectors!r}: {wanted!r} is a parameter, and {what} name modules; select "
-                              f"{owner!r} instead.")
+        if owner in dict(modules) and leaf in dict(modules)[owner]._parameters:
+            instead = f"select {owner!r} instead" if owner else "select the modules that use it instead"
+            raise TargetError(f"{what} {selectors!r}: {wanted!r} is a parameter, and {method} selects modules; "
+                              f"{instead}.")
+        leaves = [n for n, _ in model.named_parameters() if n.rpartition(".")[2] == wanted and n != wanted]
+        if leaves:
+            raise TargetError(f"{what} {selectors!r}: {wanted!r} is the leaf name of parameters "
+                              f"{', '.join(leaves[:3])}{' …' if len(leaves) > 3 else ''}; name them in full, or by a "
+                              f"dotted suffix, e.g. {'.'.join(leaves[0].split('.')[-2:])!r} (for a method that adapts "
+                              "parameters), or select their modules.")
         near = nearest_names(model, wanted) if wanted else []
         hint = (f" Nearest module names: {', '.join(near)}." if near else
                 f" No module name is close to {wanted!r}; the most common names in it are: "
                 f"{', '.join(_common_names(model))}." if wanted else "")
         raise TargetError(f"{what} {selectors!r} (exclude={excluded_sel!r}) match no module of {type(model).__name__}.{hint}")
     return chosen
+
+
+def select_parameters(model: nn.Module, targets: Selection,
+                      exclude: Selection = None) -> tuple[dict[str, list[str]], list[Selector]]:
+    """Split ``targets`` into the parameters they name and the module selectors left.
+
+    A string that matches no module path but names parameters (a full name such as ``"pos_embed"``
+    or ``"blocks.3.experts.w1"``, or a dotted suffix of names such as ``"experts.w1"``) selects those
+    parameters; everything else stays a module selector.
+
+    Returns:
+        (owner module path -> names of the selected parameters held directly by it, in module
+        order; the selectors left for :func:`select_modules`).
+    """
+    modules = dict(model.named_modules())
+    excluded_sel = _as_list(exclude)
+    excluded = [p for p, m in modules.items() if any(
+        (isinstance(s, str) and _by_name(s, p)) or _by_pattern(s, p, m) for s in excluded_sel)]
+    params = [n for n, _ in model.named_parameters()]
+    owners: dict[str, list[str]] = {}
+    rest: list[Selector] = []
+    for selector in _as_list(targets):
+        if not isinstance(selector, str) or any(_by_name(selector, p) for p in modules):
+            rest.append(selector)
+            continue
+        # a bare leaf name ("weight") would pick every module's: a suffix needs a dot, a full name does not
+        named = [n for n in params if n == selector or ("." in selector and n.endswith("." + selector))]
+        if not named:
+            rest.append(selector)
+            continue
+        for name in named:
+            owner, _, leaf = name.rpartition(".")
+            if not is_under(owner, excluded) and leaf not in owners.setdefault(owner, []):
+                owners[owner].append(leaf)
+    order = {p: i for i, p in enumerate(modules)}
+    return {o: owners[o] for o in sorted(owners, key=order.__getitem__) if owners[o]}, rest
 
 
 def _leaf_with_params(module: nn.Module) -> bool:

@@ -114,18 +114,24 @@ def _init_pair(owner: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, .
     A = owner.lora_A = nn.Parameter(torch.empty(a_shape, device=like.device, dtype=like.dtype))
     B = owner.lora_B = nn.Parameter(torch.empty(b_shape, device=like.device, dtype=like.dtype))
     with torch.no_grad():
-        if init is False:  # random: the adapter is not the identity (tests)
-            nn.init.normal_(A, std=1.0 / math.sqrt(a_shape[1]))
-            nn.init.normal_(B, std=0.1)
-        elif embedding:  # rows are looked up, so keep B random and A zero (as PEFT does)
+        if embedding and init is not False:  # rows are looked up, so keep B random and A zero (as PEFT does)
             nn.init.zeros_(A)
             nn.init.normal_(B)
         else:
-            if init == "gaussian":
-                nn.init.normal_(A, std=1.0 / a_shape[0])
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+            _init_2d(A, B, init)
+
+
+def _init_2d(A: torch.Tensor, B: torch.Tensor, init: str | bool) -> None:
+    """Initialise one (r, in) / (out, r) pair in place (A may have trailing kernel dims)."""
+    if init is False:  # random: the adapter is not the identity (tests)
+        nn.init.normal_(A, std=1.0 / math.sqrt(A.shape[1]))
+        nn.init.normal_(B, std=0.1)
+        return
+    if init == "gaussian":
+        nn.init.normal_(A, std=1.0 / A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.zeros_(B)
 
 
 def _add_low_rank(output: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -555,6 +561,57 @@ class RecurrentLoRA(_LoRAAdapter):
         return deltas
 
 
+class _Pair(nn.Module):
+    """One parameter's factors, set by _init_pair."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+
+class ParameterLoRA(_LoRAAdapter):
+    """LoRA on parameters a module reads itself (``targets=["pos_embed", "experts.w1"]``), for custom
+    layers whose forward uses ``self.weight`` directly, learned embeddings and stacked experts.
+
+    By shape: (rows, cols) gets ``B @ A``; (n, rows, cols), e.g. mixture-of-experts weights, gets one
+    ``B[i] @ A[i]`` per leading index (``A`` (n, r, cols), ``B`` (n, rows, r)); four or more dims
+    are taken as (dim 0, the rest), as for a convolution's weight. Weight space only: the core
+    substitutes the adapted tensor for the module's own while the module runs.
+    """
+
+    def __init__(self, module: nn.Module, names: list[str], r: int, scale: float, init: str | bool) -> None:
+        super().__init__()
+        self.scale = scale
+        self.parts = nn.ModuleDict()
+        for name in names:
+            t = module._parameters.get(name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{type(module).__name__} holds no parameter {name!r} of its own")  # a file's spec
+            if t.dim() < 2:
+                raise TargetError(f"lora cannot adapt parameter {name!r} of shape {tuple(t.shape)}: a low-rank delta "
+                                  "needs 2 or more dims. Train it whole (train=[its module]) or with bias='all'.")
+            part = _Pair()
+            if t.dim() == 3:  # one low-rank delta per leading index (expert)
+                n, rows, cols = t.shape
+                _init_pair(part, (n, r, cols), (n, rows, r), t, init)
+                with torch.no_grad():
+                    for i in range(n):  # each expert's pair initialised as a 2-D layer's (its own fan-in)
+                        _init_2d(part.lora_A[i], part.lora_B[i], init)
+            else:
+                _init_pair(part, (r, math.prod(t.shape[1:])), (t.shape[0], r), t, init)
+            self.parts[name] = part
+
+    def delta(self, module: nn.Module) -> dict[str, Delta]:
+        deltas: dict[str, Delta] = {}
+        for name, part in self.parts.items():
+            assert isinstance(part, _Pair)
+            A, B = part.lora_A, part.lora_B
+            if A.dim() == 3:
+                deltas[name] = torch.bmm(B, A).mul(self.scale)  # (n, rows, cols)
+            else:
+                deltas[name] = LowRankDelta(B, A, self.scale)  # shaped like the parameter by add_delta
+        return deltas
+
+
 class BiasDelta(peftkit.Adapter):
     """A trainable delta on a module's bias only (``bias="all"`` on modules that are not targets)."""
 
@@ -572,6 +629,7 @@ class LoRA(peftkit.Method[LoraConfig]):
     name = "lora"
     Config = LoraConfig
     learning_rate = 1e-3
+    adapts_parameters = True  # targets=["pos_embed", "experts.w1"]: ParameterLoRA
 
     def can_adapt(self, module: nn.Module) -> bool:
         if isinstance(module, _CONVS):
@@ -599,6 +657,11 @@ class LoRA(peftkit.Method[LoraConfig]):
         mha = {p for p in paths if isinstance(model.get_submodule(p), nn.MultiheadAttention)}
         kept = [p for p in paths if not (p.endswith(".out_proj") and p[: -len(".out_proj")] in mha)]
         specs: dict[str, dict[str, Any]] = {p: {} for p in kept}
+        both = [o for o in context.parameters if o in specs]
+        if both:
+            raise TargetError(f"lora: targets select module {both[0]!r} and also parameters of it "
+                              f"({', '.join(context.parameters[both[0]])}); select one or the other")
+        specs.update({owner: {"parameters": list(names)} for owner, names in context.parameters.items()})
         if self.config.bias == "all":
             covered = set(kept) | {f"{p}.out_proj" for p in mha}
             specs.update({p: {"bias_only": True} for p, m in model.named_modules()
@@ -613,6 +676,14 @@ class LoRA(peftkit.Method[LoraConfig]):
 
     def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         c = self.config
+        if "parameters" in spec:
+            names = spec["parameters"]
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"spec 'parameters' must be a non-empty list of parameter names, got {names!r}")
+            r = self._pick(c.rank_pattern, path, c.r)
+            alpha = self._pick(c.alpha_pattern, path, c.alpha)
+            return ParameterLoRA(module, names, r, alpha / math.sqrt(r) if c.rslora else alpha / r,
+                                 "kaiming" if c.init is True else c.init)
         if spec.get("bias_only"):
             if not isinstance(getattr(module, "bias", None), torch.Tensor):
                 raise TargetError(f"lora cannot train a bias delta on {path!r}: it has no bias")

@@ -544,3 +544,158 @@ def test_recurrent_bias_delta_and_packed_sequences() -> None:
         base = m(packed)[0]
     torch.testing.assert_close(out.data, _reference(m, lstm, adapter, packed).data)
     assert not torch.allclose(out.data, base.data)  # the bias and weight deltas apply to packed input too
+
+
+# -- named parameters -------------------------------------------------------------------------------
+
+class _Experts(nn.Module):
+    """Stacked expert weights (n, in, out) read with bmm: no Linear anywhere."""
+
+    def __init__(self, n: int = 4, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n, d, h) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(n, h, d) * 0.1)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(torch.relu(torch.bmm(x[:, None], self.w1[idx])), self.w2[idx])[:, 0]
+
+
+class _MatmulLayer(nn.Module):
+    """A custom layer that keeps its own weight and calls torch.matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight.T)
+
+
+class _Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8) * 0.1)  # read by the root's own forward
+        self.mine = _MatmulLayer()
+        self.blocks = nn.ModuleList([_Experts() for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mine((x + self.pos_embed).mean(1))
+        for block in self.blocks:
+            h = h + block(h, torch.arange(h.shape[0]) % 4)
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+def _dense(part: nn.Module, scale: float) -> torch.Tensor:
+    A, B = part.lora_A, part.lora_B
+    return scale * (torch.bmm(B, A) if A.dim() == 3 else B @ A)
+
+
+def test_named_parameters_formula_per_expert_merge_and_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = _Custom()
+    x = torch.randn(6, 5, 8)
+    with torch.no_grad():
+        base = net(x)
+    m = peftkit.wrap(net, "lora", r=2, alpha=4, targets=["pos_embed", "mine.weight", "0.w1", "blocks.1.w2"])
+    adapters = m.peft_adapters["default"]
+    assert adapters.paths == ["", "mine", "blocks.0", "blocks.1"]  # each parameter's owner
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), base, rtol=0, atol=0)  # identity at init
+        for a in adapters.adapters:
+            for part in a.parts.values():
+                part.lora_B.normal_()
+    w1 = _lora(m, "blocks.0").parts["w1"]
+    assert w1.lora_A.shape == (4, 2, 16) and w1.lora_B.shape == (4, 8, 2)  # one (8 x 2)(2 x 16) pair per expert
+    assert _lora(m, "").parts["pos_embed"].lora_A.shape == (1, 2, 8)
+    # the reference: the same network with every parameter replaced by W + delta, adapters off
+    params = dict(net.named_parameters())
+    for path, name in (("", "pos_embed"), ("mine", "weight"), ("blocks.0", "w1"), ("blocks.1", "w2")):
+        full = f"{path}.{name}" if path else name
+        params[full] = params[full] + _dense(_lora(m, path).parts[name], 2.0)
+    with m.disable_adapters():
+        want = torch.func.functional_call(net, params, (x,))
+    out = m(x)
+    torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in net.parameters())
+    m.eval()
+    with torch.no_grad():
+        unmerged = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-6)
+        m.unmerge()
+        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+    path = peftkit.save(m, tmp_path / "params.safetensors")
+    assert peftkit.read_header(path).targets["blocks.0"]["spec"] == {"parameters": ["w1"]}
+    torch.manual_seed(0)
+    again = peftkit.load(_Custom(), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), unmerged, rtol=0, atol=0)
+
+
+def test_named_parameters_on_a_timm_vit_beside_module_targets() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False).eval()
+    x = torch.randn(1, 3, *vit.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        base = vit(x)
+    m = peftkit.wrap(vit, "lora", r=2, targets=["pos_embed", "cls_token", "qkv"], init=False)
+    paths = m.peft_adapters["default"].paths
+    assert "" in paths and sorted(_lora(m, "").parts) == ["cls_token", "pos_embed"]
+    assert all(p.endswith("attn.qkv") for p in paths if p) and len(paths) > 1
+    with torch.no_grad():
+        assert not torch.allclose(m(x), base)
+        with m.disable_adapters():
+            torch.testing.assert_close(m(x), base, rtol=0, atol=0)
+
+
+def test_named_parameter_misuse_is_named() -> None:
+    net = _Custom()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TargetError, match=r"'w1' is the leaf name of parameters blocks\.0\.w1, blocks\.1\.w1"):
+        peftkit.wrap(net, "lora", targets=["w1"])
+    with pytest.raises(TargetError, match=r"cannot adapt: mine \(_MatmulLayer\).*name the parameters .*: mine\.weight"):
+        peftkit.wrap(net, "lora", targets=["mine"])
+    with pytest.raises(TargetError, match=r"parameter 'bias' of shape \(3,\).*2 or more dims"):
+        peftkit.wrap(net, "lora", targets=["head.bias"])
+    with pytest.raises(TargetError, match="select one or the other"):
+        peftkit.wrap(net, "lora", targets=["head", "head.weight"])
+    with pytest.raises(TargetError, match="trained whole"):
+        peftkit.wrap(net, "lora", targets=["mine.weight"], train=["mine"])
+    with pytest.raises(TargetError, match="'pos_embed' is a parameter, and 'fish' selects modules"):
+        peftkit.wrap(net, "fish", targets=["pos_embed"], keep=0.1, data=[(torch.randn(2, 5, 8), torch.zeros(2).long())])
+    with pytest.raises(ConfigError, match="root module"):  # PEFT's target_parameters is not written yet
+        peftkit.export_peft(peftkit.wrap(net, "lora", targets=["pos_embed"]), "unused")
+    assert not hasattr(net, "peft_adapters")
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", [{"parameters": ["nope"]}, {"parameters": "w1"}, {"parameters": []},
+                                  {"parameters": ["w1", 3]}])
+def test_a_file_whose_parameter_spec_is_bad_is_refused_and_changes_nothing(spec: dict[str, object],
+                                                                           tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    path = peftkit.save(peftkit.wrap(_Custom(), "lora", targets=["0.w1"]), tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    table = json.loads(meta["peftkit.targets"])
+    table["blocks.0"]["spec"] = spec
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={**meta, "peftkit.targets": json.dumps(table)})
+    net = _Custom()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(peftkit.errors.PeftkitError, match="blocks.0|parameter"):
+        peftkit.load(net, bad)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)

@@ -187,3 +187,58 @@ def test_valid_padded_conv_is_refused_for_parallel() -> None:
 def test_bad_options(bad: dict) -> None:
     with pytest.raises(ConfigError, match=next(iter(bad))):
         peftkit.wrap(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "serial_adapter", **bad)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 8, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(self.rnn(x)[0])
+        return out
+
+
+def _layer_kinds() -> dict[str, tuple[nn.Module, torch.Tensor, list[str]]]:
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D
+    return {
+        "conv1d": (nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1)),
+                   torch.randn(2, 4, 10), ["0", "2"]),
+        "conv3d": (nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1)),
+                   torch.randn(2, 3, 4, 6, 6), ["0", "2"]),
+        "hf_conv1d": (nn.Sequential(conv1d(8, 4), nn.ReLU(), conv1d(8, 8)), torch.randn(2, 5, 4), ["0", "2"]),
+        **{k.__name__: (_Recurrent(k), torch.randn(2, 5, 4), ["rnn"]) for k in (nn.LSTM, nn.GRU, nn.RNN)},
+    }
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv3d", "hf_conv1d", "LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("method", ["serial_adapter", "parallel_adapter"])
+def test_every_layer_kind_identity_gradients_and_file(kind: str, method: str, tmp_path: Path) -> None:
+    """Serial and parallel adapters on HF Conv1D, Conv1d, Conv3d and recurrent layers (on their
+    sequence output): identity at init, a gradient for every adapter tensor, a file that loads."""
+    torch.manual_seed(0)
+    net, x, targets = _layer_kinds()[kind]
+    with torch.no_grad():
+        base = net(x)
+    m = peftkit.wrap(net, method, targets=targets, bottleneck=4, activation="tanh")  # no dead units
+    assert m.peft_adapters["default"].paths == targets
+    with torch.no_grad():
+        with m.disable_adapters():
+            frozen = m(x)  # a frozen RNN may pick another kernel than a trainable one: float noise
+        torch.testing.assert_close(frozen, base)
+        torch.testing.assert_close(m(x), frozen, rtol=0, atol=0)
+    _randomise(m)
+    out = m(x)
+    assert out.shape == base.shape and not torch.allclose(out, base)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.peft_adapters.parameters())
+    m.eval()
+    with torch.no_grad():
+        want = m(x)
+    path = peftkit.save(m, tmp_path / "a.safetensors")
+    m.unwrap()
+    again = peftkit.load(net, path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), want, rtol=0, atol=0)

@@ -563,12 +563,15 @@ class AdaptedModel(nn.Module):
             return
         with torch.no_grad():
             self._check_mergeable(names)
+            # every delta against the unmerged weights, before any change: a delta may read the weights
+            # (DoRA normalises W + delta), and run unmerged each adapter's is taken against them
+            deltas = {n: list(self._deltas(n)) for n in names}
             started: list[str] = []
             with deferred_interrupts():
                 try:
                     for n in names:
                         started.append(n)
-                        self._merge_one(self._records[n])
+                        self._merge_one(self._records[n], deltas[n])
                         self._state.merged.add(n)
                 except BaseException:  # all or nothing: undo what was done
                     self._restore(started)
@@ -597,10 +600,10 @@ class AdaptedModel(nn.Module):
                     if not container.finite(t):
                         raise MergeError(f"trained module {path}.{tn} of adapter {n!r} holds NaN/inf; nothing was merged")
 
-    def _merge_one(self, held: HeldAdapter) -> None:
-        """Fold one adapter in; every change goes through its journal, which records the undo first."""
+    def _merge_one(self, held: HeldAdapter, deltas: list[tuple[str, torch.Tensor, Delta]]) -> None:
+        """Fold one adapter's ``deltas`` in; every change goes through its journal, which records the undo first."""
         journal = held.merge_undo
-        for _, base, d in list(self._deltas(held.name)):  # every delta before any change: a delta may read base weights
+        for _, base, d in deltas:
             if isinstance(d, SparseDelta):  # back up (and change) only the touched entries
                 journal.keep(base, d.index)
                 base.view(-1).index_add_(0, d.index, d.values.detach().to(base.dtype))

@@ -20,7 +20,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, TargetError
-from peftkit.method import Delta, LowRankDelta, add_delta
+from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
 from peftkit.targets import matches, output_layers, pattern_problem
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -38,6 +38,7 @@ class LoraConfig:
     init: str | bool = "kaiming"  # "kaiming": A kaiming-uniform, B zero | "gaussian": A ~ N(0, 1/r), B zero | False: random
     bias: str = "none"  # "none" | "lora_only": train a bias delta on each target | "all": on every bias in the model
     fan_in_fan_out: bool = False  # target weights stored (in, out), as in Hugging Face Conv1D (detected automatically)
+    dora: bool = False  # DoRA (Liu et al. 2024): a learned magnitude per output times the normalised W + s B A
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module name/suffix/regex -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module name/suffix/regex -> alpha
 
@@ -55,6 +56,8 @@ class LoraConfig:
             raise bad("init", self.init, "'kaiming', 'gaussian', True or False")
         if self.bias not in ("none", "lora_only", "all"):
             raise bad("bias", self.bias, "'none', 'lora_only' or 'all'")
+        if not isinstance(self.dora, bool):
+            raise bad("dora", self.dora, "True or False")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise bad(name, pattern, "a dict of module name/suffix/regex -> value")
@@ -143,6 +146,75 @@ def _add_low_rank(output: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale:
     width = output.shape[-1]
     out = torch.addmm(output.reshape(-1, width), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
     return out.view(output.shape)
+
+
+def _norms(v: torch.Tensor, k: int, transposed: bool) -> torch.Tensor:
+    """L2 norm of each slice of ``v`` indexed by its first ``k`` dims (its last when ``transposed``),
+    over the remaining dims: the per-output norms DoRA divides by."""
+    dims = (0,) if transposed else tuple(range(k, v.dim()))  # transposed: HF Conv1D's (in, out); (num, dim) embeddings
+    n: torch.Tensor = torch.linalg.vector_norm(v, dim=dims)
+    return n
+
+
+def _broadcast(g: torch.Tensor, like: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Per-output factors ``g`` shaped to multiply ``like`` (the weight) slice by slice."""
+    return g if transposed else g.reshape(*g.shape, *[1] * (like.dim() - g.dim()))
+
+
+def dora_magnitude(base: torch.Tensor, delta: Delta, k: int = 1, transposed: bool = False) -> torch.Tensor:
+    """DoRA's initial magnitude: the norms of ``W + delta`` (the base's own norms when ``B = 0``)."""
+    with torch.no_grad():
+        return _norms(add_delta(base, delta), k, transposed)
+
+
+def dora_delta(base: torch.Tensor, delta: Delta, magnitude: torch.Tensor,
+               transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's weight change ``m * V / ||V|| - W`` with ``V = W + delta``, and the factors
+    ``g = m / ||V||``; the norm is treated as a constant (no gradient), as the paper's section 4.3
+    recommends and PEFT does."""
+    v = add_delta(base, delta)
+    with torch.no_grad():
+        n = _norms(v, magnitude.dim(), transposed)
+    g = magnitude.to(v.dtype) / n
+    return v * _broadcast(g, v, transposed) - base, g
+
+
+class _DoraGradient(torch.autograd.Function):
+    """The fold form of DoRA on a Linear (see :class:`_LowRankGradient`): the layer ran with
+    ``W' = g * (W + s B A)``, ``g = m / ||W + s B A||`` per output, folded in without autograd. Left:
+    ``dm = sum_t dy (y - b) / m``, and LoRA's ``dA``, ``dB`` with ``dy`` scaled by ``g``. ``y - b``
+    is kept as a copy, since the caller may change the layer's output in place."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                magnitude: torch.Tensor, bias: torch.Tensor | None, scale: float, g: torch.Tensor,
+                offset: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
+        y = output.detach().reshape(-1, output.shape[-1])
+        unbiased = (y - offset if offset is not None else y.clone()) if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(x2, xa, B, magnitude, g, unbiased)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, xa, B, magnitude, g, unbiased = ctx.saved_tensors
+        grad = grad.contiguous()
+        g2 = grad.view(-1, grad.shape[-1]).to(B.dtype)
+        grad_a = grad_b = grad_m = grad_bias = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            scaled = g2 * g.to(g2.dtype)  # the low-rank path is multiplied by g
+            if ctx.needs_input_grad[2]:
+                grad_a = torch.mm((scaled @ B).t(), x2.to(B.dtype)).mul_(ctx.scale)
+            if ctx.needs_input_grad[3]:
+                grad_b = torch.mm(xa.t(), scaled).t().mul_(ctx.scale)
+        if unbiased is not None:
+            grad_m = (g2 * unbiased.to(g2.dtype)).sum(0) / magnitude
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = g2.sum(0)
+        return grad, None, grad_a, grad_b, grad_m, grad_bias, None, None, None
 
 
 class _LowRankGradient(torch.autograd.Function):
@@ -234,24 +306,32 @@ class LowRank(nn.Module):
     lora_B: nn.Parameter  # (out, r)
 
     def __init__(self, in_f: int, out_f: int, r: int, scale: float, like: torch.Tensor, init: str | bool,
-                 bias: bool) -> None:
+                 bias: bool, dora_of: torch.Tensor | None = None) -> None:
         super().__init__()
         _init_pair(self, (r, in_f), (out_f, r), like, init)
         self.scale = scale
         self.lora_bias = nn.Parameter(torch.zeros(out_f, device=like.device, dtype=like.dtype)) if bias else None
+        # DoRA on the weight ``dora_of``: a magnitude per output
+        self.lora_magnitude = nn.Parameter(dora_magnitude(dora_of, self.weight_delta())) if dora_of is not None else None
 
     def weight_delta(self) -> LowRankDelta:
         return LowRankDelta(self.lora_B, self.lora_A, self.scale)  # (out, in)
 
+    def delta_for(self, base: torch.Tensor) -> Delta:
+        """The change to ``base``: ``s B A``, or with DoRA ``m * (W + s B A) / ||W + s B A|| - W``."""
+        if self.lora_magnitude is None:
+            return self.weight_delta()
+        return dora_delta(base, self.weight_delta(), self.lora_magnitude)[0]
+
 
 class LinearLoRA(_LoRAAdapter):
-    """LoRA on a Linear (or transposed Conv1D) layer."""
+    """LoRA on a Linear (or transposed Conv1D) layer; with DoRA, also a magnitude per output."""
 
     lora_A: nn.Parameter  # (r, in), set by _init_pair
     lora_B: nn.Parameter  # (out, r)
 
     def __init__(self, module: nn.Module, r: int, scale: float, dropout: float, init: str | bool, bias: bool,
-                 transposed: bool) -> None:
+                 transposed: bool, dora: bool = False) -> None:
         super().__init__()
         w = _tensor(module, "weight")
         in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
@@ -261,11 +341,29 @@ class LinearLoRA(_LoRAAdapter):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         has_bias = bias and getattr(module, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(out_f, device=w.device, dtype=w.dtype)) if has_bias else None
+        self.lora_magnitude = (nn.Parameter(dora_magnitude(w, self._low_rank(), transposed=transposed))
+                               if dora else None)  # (out,): ||W + s B A|| per output at init, so DoRA starts as LoRA
+        self._folded_scale: torch.Tensor | None = None  # DoRA's g from delta(), for fold_gradient on the same call
+
+    def _low_rank(self) -> LowRankDelta:
+        A, B = self.lora_A, self.lora_B  # the weight is (out, in), or (in, out) when transposed
+        return LowRankDelta(A.T, B.T, self.scale) if self.transposed else LowRankDelta(B, A, self.scale)
+
+    def _dora_scale(self, module: nn.Module) -> torch.Tensor:
+        """DoRA's ``g = m / ||W + s B A||`` per output, the norm without gradient."""
+        assert self.lora_magnitude is not None
+        with torch.no_grad():
+            n = _norms(add_delta(_tensor(module, "weight"), detach_delta(self._low_rank())), 1, self.transposed)
+        return self.lora_magnitude / n
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         xa = F.linear(self.dropout(x), self.lora_A)  # (..., r)
         out = _add_low_rank(output, xa, self.lora_B, self.scale)
+        if self.lora_magnitude is not None:  # g * (x W^T + s x A^T B^T) + b, from the layer's own output
+            g = self._dora_scale(module).to(out.dtype)
+            b = getattr(module, "bias", None)
+            out = out * g if b is None else torch.addcmul(b * (1 - g), out, g)
         return out + self.lora_bias if self.lora_bias is not None else out
 
     def folds_in_training(self, module: nn.Module) -> bool:
@@ -273,12 +371,23 @@ class LinearLoRA(_LoRAAdapter):
 
     def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        return _LowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale)
+        if self.lora_magnitude is None:
+            return _LowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale)
+        # the layer's bias is its own (DoRA scales the weight only); g is the one its folded weight used,
+        # from delta(): the layer's weight is that folded weight now, not W
+        biases = [t.detach() for t in (getattr(module, "bias", None), self.lora_bias) if t is not None]
+        offset = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
+        assert self._folded_scale is not None, "fold_gradient follows delta() on the same call"
+        g, self._folded_scale = self._folded_scale, None
+        return _DoraGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias,
+                                   self.scale, g, offset)
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
-        A, B = self.lora_A, self.lora_B  # the weight is (out, in), or (in, out) when transposed
-        deltas: dict[str, Delta] = {"weight": LowRankDelta(A.T, B.T, self.scale) if self.transposed
-                                    else LowRankDelta(B, A, self.scale)}
+        d: Delta = self._low_rank()
+        if self.lora_magnitude is not None:
+            d, g = dora_delta(_tensor(module, "weight"), d, self.lora_magnitude, self.transposed)
+            self._folded_scale = g.detach()
+        deltas: dict[str, Delta] = {"weight": d}
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias
         return deltas
@@ -291,7 +400,7 @@ class ConvLoRA(_LoRAAdapter):
     lora_B: nn.Parameter  # (out, r/groups, 1, ...)
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, r: int, scale: float, dropout: float,
-                 init: str | bool, bias: bool) -> None:
+                 init: str | bool, bias: bool, dora: bool = False) -> None:
         super().__init__()
         g = module.groups
         self.rank = g * math.ceil(r / g)  # at least one rank per group, so the delta keeps the group structure
@@ -303,6 +412,17 @@ class ConvLoRA(_LoRAAdapter):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         has_bias = bias and module.bias is not None
         self.lora_bias = nn.Parameter(torch.zeros(module.out_channels, device=w.device, dtype=w.dtype)) if has_bias else None
+        self.lora_magnitude = nn.Parameter(dora_magnitude(w, self._low_rank(module))) if dora else None  # (out,)
+
+    def _low_rank(self, module: nn.Module) -> Delta:
+        conv = _conv(module)
+        g = conv.groups
+        out_c = self.lora_B.shape[0]
+        if g == 1:
+            return LowRankDelta(self.lora_B.reshape(out_c, -1), self.lora_A.reshape(self.rank, -1), self.scale)
+        a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
+        b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
+        return self.scale * torch.bmm(b, a).reshape(conv.weight.shape)  # (out, in/g, k...)
 
     @property
     def train_in_weight_space(self) -> bool:
@@ -318,7 +438,7 @@ class ConvLoRA(_LoRAAdapter):
         # 3-channel stems and on 16-32 channels (the demo's ResNet: 10.0 vs 7.1 ms a layer), where
         # r-channel convolutions run at a fraction of the kernels' speed (measured on CPU).
         conv = _conv(module)
-        return (isinstance(self.dropout, nn.Identity) and conv.padding_mode == "zeros"
+        return (isinstance(self.dropout, nn.Identity) and self.lora_magnitude is None and conv.padding_mode == "zeros"
                 and not isinstance(conv.padding, str) and math.prod(conv.kernel_size) > 1
                 and conv.in_channels // conv.groups >= 64)
 
@@ -333,21 +453,21 @@ class ConvLoRA(_LoRAAdapter):
         h = conv._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
         h = _CONV_FN[self.lora_A.dim() - 2](h, self.lora_B, groups=conv.groups)  # (N, out, *spatial_out)
         out = output + self.scale * h
+        if self.lora_magnitude is not None:  # g * (conv(x, W) + s * lora(x)) + b, from the layer's own output
+            with torch.no_grad():
+                n = _norms(add_delta(conv.weight, detach_delta(self._low_rank(conv))), 1, False)
+            g = (self.lora_magnitude / n).to(out.dtype).view(-1, *([1] * (out.dim() - 2)))
+            b = conv.bias
+            out = out * g if b is None else torch.addcmul(b.view_as(g) * (1 - g), out, g)
         if self.lora_bias is not None:
             out = out + self.lora_bias.view(-1, *([1] * (out.dim() - 2)))
         return out
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
-        conv = _conv(module)
-        g = conv.groups
-        out_c = self.lora_B.shape[0]
-        deltas: dict[str, Delta]
-        if g == 1:
-            deltas = {"weight": LowRankDelta(self.lora_B.reshape(out_c, -1), self.lora_A.reshape(self.rank, -1), self.scale)}
-        else:
-            a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
-            b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
-            deltas = {"weight": self.scale * torch.bmm(b, a).reshape(conv.weight.shape)}  # (out, in/g, k...)
+        d = self._low_rank(module)
+        if self.lora_magnitude is not None:
+            d = dora_delta(_conv(module).weight, d, self.lora_magnitude)[0]
+        deltas: dict[str, Delta] = {"weight": d}
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias
         return deltas
@@ -359,19 +479,33 @@ class EmbeddingLoRA(_LoRAAdapter):
     lora_A: nn.Parameter  # (r, num), set by _init_pair
     lora_B: nn.Parameter  # (dim, r)
 
-    def __init__(self, module: nn.Embedding, r: int, scale: float, init: str | bool) -> None:
+    def __init__(self, module: nn.Embedding, r: int, scale: float, init: str | bool, dora: bool = False) -> None:
         super().__init__()
         _init_pair(self, (r, module.num_embeddings), (module.embedding_dim, r), module.weight, init, embedding=True)
         self.scale = scale
+        # DoRA: a magnitude per embedding dimension, the norm over the vocabulary (as PEFT)
+        self.lora_magnitude = (nn.Parameter(dora_magnitude(module.weight, self._low_rank(), transposed=True))
+                               if dora else None)  # (dim,)
+
+    def _low_rank(self) -> LowRankDelta:
+        return LowRankDelta(self.lora_A.T, self.lora_B.T, self.scale)  # (num, dim)
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         idx = args[0] if args else kwargs["input"]
         assert isinstance(module, nn.Embedding), f"lora's EmbeddingLoRA is on a {type(module).__name__}"  # by build()
         h = F.embedding(idx, self.lora_A.T, padding_idx=module.padding_idx)  # (..., r)
-        return _add_low_rank(output, h, self.lora_B, self.scale)  # (..., dim)
+        out = _add_low_rank(output, h, self.lora_B, self.scale)  # (..., dim)
+        if self.lora_magnitude is not None:
+            with torch.no_grad():
+                n = _norms(add_delta(module.weight, detach_delta(self._low_rank())), 1, True)
+            out = out * (self.lora_magnitude / n).to(out.dtype)
+        return out
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
-        return {"weight": LowRankDelta(self.lora_A.T, self.lora_B.T, self.scale)}  # (num, dim)
+        if self.lora_magnitude is not None:
+            assert isinstance(module, nn.Embedding)
+            return {"weight": dora_delta(module.weight, self._low_rank(), self.lora_magnitude, transposed=True)[0]}
+        return {"weight": self._low_rank()}
 
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -426,17 +560,25 @@ class MultiheadAttentionLoRA(_LoRAAdapter):
     k_proj: LowRank
     v_proj: LowRank
 
-    def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool) -> None:
+    def __init__(self, module: nn.MultiheadAttention, r: int, scale: float, init: str | bool, bias: bool,
+                 dora: bool = False) -> None:
         super().__init__()
         E = module.embed_dim
         like = module.out_proj.weight
+
+        def of(name: str) -> torch.Tensor | None:  # the weight a DoRA magnitude is measured on
+            return module.get_parameter(name) if dora else None
+
         if module._qkv_same_embed_dim:
-            self.in_proj = LowRank(E, 3 * E, r, scale, like, init, bias and module.in_proj_bias is not None)
+            self.in_proj = LowRank(E, 3 * E, r, scale, like, init, bias and module.in_proj_bias is not None,
+                                   of("in_proj_weight"))
         else:
-            self.q_proj = LowRank(E, E, r, scale, like, init, False)
-            self.k_proj = LowRank(module.kdim, E, r, scale, like, init, False)
-            self.v_proj = LowRank(module.vdim, E, r, scale, like, init, False)
-        self.out_proj = LowRank(E, E, r, scale, like, init, bias and module.out_proj.bias is not None)
+            self.q_proj = LowRank(E, E, r, scale, like, init, False, of("q_proj_weight"))
+            self.k_proj = LowRank(module.kdim, E, r, scale, like, init, False, of("k_proj_weight"))
+            self.v_proj = LowRank(module.vdim, E, r, scale, like, init, False, of("v_proj_weight"))
+        self.out_proj = LowRank(E, E, r, scale, like, init, bias and module.out_proj.bias is not None,
+                                of("out_proj.weight"))
+        self.dora = dora
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         deltas: dict[str, Delta] = {}
@@ -445,7 +587,7 @@ class MultiheadAttentionLoRA(_LoRAAdapter):
             part = getattr(self, name, None)
             if part is None:
                 continue
-            deltas[tensor] = part.weight_delta()
+            deltas[tensor] = part.delta_for(module.get_parameter(tensor))
             if part.lora_bias is not None:
                 deltas["in_proj_bias" if name == "in_proj" else "out_proj.bias"] = part.lora_bias
         return deltas
@@ -456,8 +598,8 @@ class MultiheadAttentionLoRA(_LoRAAdapter):
         masks of the shapes the module accepts. Any other call runs the module itself, which also
         raises its own errors for bad inputs."""
         m = _mha(module)
-        if not hasattr(self, "in_proj") or m.bias_k is not None or m.add_zero_attn:
-            return False
+        if self.dora or not hasattr(self, "in_proj") or m.bias_k is not None or m.add_zero_attn:
+            return False  # DoRA trains in weight space
         if len(args) > len(_MHA_ARGS) or set(kwargs) - set(_MHA_ARGS):
             return False
         c = _mha_call(args, kwargs)
@@ -542,20 +684,21 @@ class RecurrentLoRA(_LoRAAdapter):
     ``bias``, each input weight's delta carries a delta on the matching ``bias_ih``.
     """
 
-    def __init__(self, module: nn.RNNBase, r: int, scale: float, init: str | bool, bias: bool) -> None:
+    def __init__(self, module: nn.RNNBase, r: int, scale: float, init: str | bool, bias: bool,
+                 dora: bool = False) -> None:
         super().__init__()
         self.parts = nn.ModuleDict()
         for name in _recurrent_weights(module):
             w = _tensor(module, name)
             bias_name = name.replace("weight_ih", "bias_ih")
             with_bias = bias and name.startswith("weight_ih") and isinstance(getattr(module, bias_name, None), torch.Tensor)
-            self.parts[name] = LowRank(w.shape[1], w.shape[0], r, scale, w, init, with_bias)
+            self.parts[name] = LowRank(w.shape[1], w.shape[0], r, scale, w, init, with_bias, w if dora else None)
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         deltas: dict[str, Delta] = {}
         for name, part in self.parts.items():
             assert isinstance(part, LowRank)
-            deltas[name] = part.weight_delta()
+            deltas[name] = part.delta_for(_tensor(module, name))
             if part.lora_bias is not None:
                 deltas[name.replace("weight_ih", "bias_ih")] = part.lora_bias
         return deltas
@@ -566,6 +709,7 @@ class _Pair(nn.Module):
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    lora_magnitude: nn.Parameter | None
 
 
 class ParameterLoRA(_LoRAAdapter):
@@ -578,7 +722,8 @@ class ParameterLoRA(_LoRAAdapter):
     substitutes the adapted tensor for the module's own while the module runs.
     """
 
-    def __init__(self, module: nn.Module, names: list[str], r: int, scale: float, init: str | bool) -> None:
+    def __init__(self, module: nn.Module, names: list[str], r: int, scale: float, init: str | bool,
+                 dora: bool = False) -> None:
         super().__init__()
         self.scale = scale
         self.parts = nn.ModuleDict()
@@ -598,18 +743,26 @@ class ParameterLoRA(_LoRAAdapter):
                         _init_2d(part.lora_A[i], part.lora_B[i], init)
             else:
                 _init_pair(part, (r, math.prod(t.shape[1:])), (t.shape[0], r), t, init)
+            # DoRA: a magnitude per row ((n, rows) for experts), the norm over the rest
+            part.lora_magnitude = (nn.Parameter(dora_magnitude(t, self._low_rank(part), k=2 if t.dim() == 3 else 1))
+                                   if dora else None)
             self.parts[name] = part
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         deltas: dict[str, Delta] = {}
         for name, part in self.parts.items():
             assert isinstance(part, _Pair)
-            A, B = part.lora_A, part.lora_B
-            if A.dim() == 3:
-                deltas[name] = torch.bmm(B, A).mul(self.scale)  # (n, rows, cols)
-            else:
-                deltas[name] = LowRankDelta(B, A, self.scale)  # shaped like the parameter by add_delta
+            d = self._low_rank(part)
+            if part.lora_magnitude is not None:
+                d = dora_delta(module.get_parameter(name), d, part.lora_magnitude)[0]
+            deltas[name] = d
         return deltas
+
+    def _low_rank(self, part: _Pair) -> Delta:
+        A, B = part.lora_A, part.lora_B
+        if A.dim() == 3:
+            return torch.bmm(B, A).mul(self.scale)  # (n, rows, cols)
+        return LowRankDelta(B, A, self.scale)  # shaped like the parameter by add_delta
 
 
 class BiasDelta(peftkit.Adapter):
@@ -683,7 +836,7 @@ class LoRA(peftkit.Method[LoraConfig]):
             r = self._pick(c.rank_pattern, path, c.r)
             alpha = self._pick(c.alpha_pattern, path, c.alpha)
             return ParameterLoRA(module, names, r, alpha / math.sqrt(r) if c.rslora else alpha / r,
-                                 "kaiming" if c.init is True else c.init)
+                                 "kaiming" if c.init is True else c.init, c.dora)
         if spec.get("bias_only"):
             if not isinstance(getattr(module, "bias", None), torch.Tensor):
                 raise TargetError(f"lora cannot train a bias delta on {path!r}: it has no bias")
@@ -699,16 +852,16 @@ class LoRA(peftkit.Method[LoraConfig]):
         init = "kaiming" if c.init is True else c.init
         bias = c.bias != "none"
         if isinstance(module, nn.MultiheadAttention):
-            return MultiheadAttentionLoRA(module, r, scale, init, bias)
+            return MultiheadAttentionLoRA(module, r, scale, init, bias, c.dora)
         if isinstance(module, nn.RNNBase):
-            return RecurrentLoRA(module, r, scale, init, bias)
+            return RecurrentLoRA(module, r, scale, init, bias, c.dora)
         if isinstance(module, _CONVS):
-            return ConvLoRA(module, r, scale, c.dropout, init, bias)
+            return ConvLoRA(module, r, scale, c.dropout, init, bias, c.dora)
         if isinstance(module, nn.Embedding):
-            return EmbeddingLoRA(module, r, scale, init)
+            return EmbeddingLoRA(module, r, scale, init, c.dora)
         if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
             transposed = _is_hf_conv1d(module) or (c.fan_in_fan_out and not isinstance(module, nn.Linear))
-            return LinearLoRA(module, r, scale, c.dropout, init, bias, transposed)
+            return LinearLoRA(module, r, scale, c.dropout, init, bias, transposed, c.dora)
         raise TargetError(
             f"lora cannot adapt {path!r} ({type(module).__name__}); it adapts Linear, Conv1d/2d/3d, Embedding, "
             "MultiheadAttention, LSTM/GRU/RNN and Hugging Face Conv1D layers"

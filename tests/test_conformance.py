@@ -34,6 +34,12 @@ class TestLoraGaussianRsloraBias(MethodSuite):
     random_options = {"r": 2, "bias": "all", "rslora": True, "init": False}
 
 
+class TestDora(MethodSuite):
+    method = "lora"
+    options = {"r": 2, "dora": True}
+    random_options = {"r": 2, "dora": True, "init": False}
+
+
 class TestSerialAdapter(MethodSuite):
     method = "serial_adapter"
     options = {"bottleneck": 4}

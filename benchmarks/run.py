@@ -377,6 +377,57 @@ def fish_row(smoke: bool) -> dict[str, float]:
     return out
 
 
+def dora_row(smoke: bool) -> dict[str, Any]:
+    """DoRA against LoRA and against PEFT's DoRA, side by side in this process (interleaved, median):
+    a training step on the MiniLM all-Linear and resnet18 all-convs rows, and DoRA inference unmerged
+    against merged."""
+    import torch
+
+    torch.set_num_threads(2)
+    out: dict[str, Any] = {}
+    reps = 1 if smoke else 5
+    for row in ("MiniLM all Linear", "resnet18 all convs"):
+        factory, kw, peft_cfg = rows(smoke)[row]
+        build, inputs, loss_fn = factory()
+        assert peft_cfg is not None
+
+        def trainer(model: Any, inputs: dict[str, Any] = inputs, loss_fn: Any = loss_fn) -> Callable[[], None]:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            model.train()
+            return lambda: _train_step(model, inputs, loss_fn, opt)
+
+        def evaluator(model: Any, inputs: dict[str, Any] = inputs) -> Callable[[], None]:
+            model.eval()
+
+            def run() -> None:
+                with torch.no_grad():
+                    _call(model, inputs)
+            return run
+
+        merged = _peftkit(build, {**kw, "dora": True})
+        merged.merge()
+        variants = {"lora train": trainer(_peftkit(build, kw)),
+                    "dora train": trainer(_peftkit(build, {**kw, "dora": True})),
+                    "peft dora train": trainer(_peft(build, {**peft_cfg, "use_dora": True})),
+                    "dora eval unmerged": evaluator(_peftkit(build, {**kw, "dora": True})),
+                    "dora eval merged": evaluator(merged)}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        names = list(variants)
+        for rep in range(reps + (0 if smoke else 2)):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                start = time.perf_counter()
+                variants[name]()
+                if smoke or rep >= 2:
+                    times[name].append(time.perf_counter() - start)
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        out[f"{row}: ms (lora / dora / peft dora train)"] = (f"{med['lora train']:.0f} / {med['dora train']:.0f} / "
+                                                             f"{med['peft dora train']:.0f}")
+        out[f"{row}: dora / lora train"] = med["dora train"] / med["lora train"]
+        out[f"{row}: dora / peft dora train"] = med["dora train"] / med["peft dora train"]
+        out[f"{row}: dora eval unmerged / merged"] = med["dora eval unmerged"] / med["dora eval merged"]
+    return out
+
+
 def compile_row(smoke: bool) -> dict[str, Any]:
     import torch
 
@@ -444,7 +495,7 @@ def report(results: dict[str, Any]) -> str:
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for note in results.get("notes", []):  # e.g. a row measured again, and why
         lines += ["", f"Note: {note}"]
-    for section in ("io", "scale", "fish", "compile"):
+    for section in ("io", "scale", "fish", "dora", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                                                   for k, v in results[section].items()]
@@ -470,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory(row, lib, a.smoke)))
         return 0
     if a.section:
-        print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "compile": compile_row}[a.section](a.smoke)))
+        print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row,
+                          "compile": compile_row}[a.section](a.smoke)))
         return 0
     smoke = ["--smoke"] if a.smoke else []
     procs, reps = (1, 1) if a.smoke else (a.processes, a.reps)
@@ -479,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": f"torch {torch.__version__}, 2 threads, {reps} reps x {procs} processes",
                                "rows": {}}
     chosen = a.rows.split(",") if a.rows else list(rows(a.smoke))
-    sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "compile": compile_row}
+    sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "compile": compile_row}
     for row in chosen:
         # the smoke run (the test suite's) stays in this process: it proves the code runs, times nothing
         runs = ([worker(row, reps, True)] if a.smoke else

@@ -59,7 +59,7 @@ class AdapterSet(nn.Module):
         if self.heads is not None and self.heads_path is not None:
             parts.append((self.heads_path, self.heads))
         for path, module in parts:
-            for key, t in module.state_dict().items():
+            for key, t in (module.file_state() if isinstance(module, Adapter) else module.state_dict()).items():
                 full = f"{path}.{key}" if path else key
                 if full in out:
                     raise PluginError(f"two adapter tensors share the file key {full!r}; rename one")

@@ -68,7 +68,7 @@ def save(model: AdaptedModel, path: str | os.PathLike[str], adapter: str | None 
         raise ConfigError(f"adapter {adapter!r} holds NaN or infinite values in {', '.join(bad[:3])}; nothing was "
                           "written (a file with them would be refused when loaded). Lower the learning rate, or "
                           "load an earlier checkpoint.")
-    meta = {**extra, **file_metadata(base, adapter, entry.method, entry.info, entry.modules)}
+    meta = {**extra, **file_metadata(base, adapter, entry.method.file_method(), entry.info, entry.modules)}
     dest = Path(path)
     if writer is None or sharding.rank() == writer:
         container.write_atomic(dest, tensors, meta)

@@ -168,6 +168,13 @@ class Adapter(nn.Module):
         others run the target's own forward with the weight-space form). Default: every call."""
         return True
 
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file stores for this adapter (default: its ``state_dict()``). An
+        adapter whose trained form differs from the form it ships in overrides this together with
+        :meth:`Method.file_method` (LoRA's PiSSA/OLoRA initialisation keeps a frozen copy of its
+        starting factors and ships as an ordinary LoRA of twice the rank)."""
+        return dict(self.state_dict())
+
     def output_side_parameters(self) -> list[nn.Parameter]:
         """Parameters on the output side of a factorised update, initialised at zero (LoRA's ``B``):
         LoRA+ (Hayou et al. 2024) trains them at a higher learning rate than the input side
@@ -325,6 +332,12 @@ class Method(Generic[ConfigT]):
         saved = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                  if not f.metadata.get("runtime")}
         return json.dumps(saved, separators=(",", ":"), sort_keys=True)
+
+    def file_method(self) -> Method[Any]:
+        """The configured method an adapter file records, whose :meth:`build` rebuilds the tensors
+        :meth:`Adapter.file_state` writes (default: this method). A file must load on the untouched
+        backbone with the same outputs; see :meth:`Adapter.file_state`."""
+        return self
 
     @classmethod
     def from_json(cls, text: str) -> Self:

@@ -11,7 +11,8 @@ direction; the adapted weights are substituted for the module's own, so it runs 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +36,12 @@ class LoraConfig:
     alpha: float = 8.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
     dropout: float = 0.0  # dropout on the adapter's input (output-space form; MHA and recurrent targets ignore it)
-    init: str | bool = "kaiming"  # "kaiming": A kaiming-uniform, B zero | "gaussian": A ~ N(0, 1/r), B zero | False: random
+    # "kaiming": A kaiming-uniform, B zero | "gaussian": A ~ N(0, 1/r), B zero | False: random | from the weight
+    # (Linear and ungrouped conv targets): "pissa" (principal singular vectors, Meng et al. 2024),
+    # "pissa_niter_K" (the same by a randomized SVD with K subspace iterations, for large layers),
+    # "olora" (QR, Büyükakyüz 2024); the starting factors stay in the adapter (the backbone never
+    # changes) and the file is an ordinary LoRA of rank 2r
+    init: str | bool = "kaiming"
     bias: str = "none"  # "none" | "lora_only": train a bias delta on each target | "all": on every bias in the model
     fan_in_fan_out: bool = False  # target weights stored (in, out), as in Hugging Face Conv1D (detected automatically)
     dora: bool = False  # DoRA (Liu et al. 2024): a learned magnitude per output times the normalised W + s B A
@@ -52,8 +58,11 @@ class LoraConfig:
             raise bad("alpha", self.alpha, "a positive finite number such as 16")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", self.dropout, "a probability in [0, 1)")
-        if self.init not in ("kaiming", "gaussian", True, False):
-            raise bad("init", self.init, "'kaiming', 'gaussian', True or False")
+        if self.init not in ("kaiming", "gaussian", True, False, "pissa", "olora") and _niter(self.init) is None:
+            raise bad("init", self.init, "'kaiming', 'gaussian', 'pissa', 'pissa_niter_K' (K in 1..99), 'olora', "
+                                         "True or False")
+        if self.dora and _data_init(self.init):
+            raise bad("init", self.init, "'kaiming' or 'gaussian' with dora=True (PiSSA/OLoRA with DoRA is not built)")
         if self.bias not in ("none", "lora_only", "all"):
             raise bad("bias", self.bias, "'none', 'lora_only' or 'all'")
         if not isinstance(self.dora, bool):
@@ -71,6 +80,43 @@ class LoraConfig:
         for k, a in self.alpha_pattern.items():
             if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 < a < math.inf:
                 raise bad(f"alpha_pattern[{k!r}]", a, "a positive finite number")
+
+
+def _niter(init: object) -> int | None:
+    """K of ``init="pissa_niter_K"``, else None."""
+    match = re.fullmatch(r"pissa_niter_([1-9][0-9]?)", init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
+
+
+def _data_init(init: object) -> bool:
+    """Whether ``init`` takes the factors from the target's weight (PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or _niter(init) is not None
+
+
+def _factors_from_weight(w: torch.Tensor, r: int, scale: float, init: str | bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (r, cols), B (rows, r))`` from a 2-D weight: with ``s * B @ A`` its r principal singular
+    components (PiSSA: ``A = sqrt(S/s) V^T``, ``B = U sqrt(S/s)``) or its first r QR directions
+    (OLoRA: ``A = R[:r]``, ``B = Q[:, :r]``), as PEFT computes them."""
+    rows, cols = w.shape
+    if r > min(rows, cols):
+        raise TargetError(f"lora init={init!r} needs r <= {min(rows, cols)} (the smaller side of a {rows} x {cols} "
+                          "weight); lower r for this layer (rank_pattern) or leave it out of targets")
+    if w.is_meta:  # the dry run only checks shapes
+        return w.new_empty(r, cols), w.new_empty(rows, r)
+    x = w.detach().float()
+    if init == "olora":
+        q, rr = torch.linalg.qr(x)
+        a, b = rr[:r], q[:, :r]
+    else:
+        niter = _niter(init)
+        if niter is None:
+            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        else:
+            u, s, v = torch.svd_lowrank(x, q=r, niter=niter)
+            vh = v.T
+        root = (s[:r] / scale).sqrt()
+        a, b = root[:, None] * vh[:r], u[:, :r] * root
+    return a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous()
 
 
 def _own_weight(module: nn.Module) -> bool:
@@ -293,10 +339,39 @@ class _ConvLowRankGradient(torch.autograd.Function):
 
 
 class _LoRAAdapter(peftkit.Adapter):
-    """What every LoRA adapter shares: its ``lora_B`` factors are the output side (LoRA+)."""
+    """What every LoRA adapter shares: its ``lora_B`` factors are the output side (LoRA+); with a
+    PiSSA/OLoRA start, frozen copies of the starting factors (``lora_A0``, ``lora_B0``) so that the
+    adapter's change is ``s (B A - B0 A0)``, zero at the start, on the unchanged backbone."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
 
     def output_side_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.rpartition(".")[2] == "lora_B"]
+
+    def _start_from_weight(self, w2d: torch.Tensor, scale: float, init: str | bool) -> None:
+        """Set A and B from the (rows, cols) weight (PiSSA, OLoRA) and keep frozen copies of them."""
+        a, b = _factors_from_weight(w2d, self.lora_A.shape[0], scale, init)
+        with torch.no_grad():
+            self.lora_A.copy_(a.reshape(self.lora_A.shape))
+            self.lora_B.copy_(b.reshape(self.lora_B.shape))
+        # not in state_dict(): the file holds the factors together (file_state), an ordinary LoRA
+        self.register_buffer("lora_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("lora_B0", self.lora_B.detach().clone(), persistent=False)
+
+    def shipped_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the adapter's whole change: ``[A; A0]`` and ``[B, -B0]`` after a PiSSA/OLoRA start."""
+        a0, b0 = getattr(self, "lora_A0", None), getattr(self, "lora_B0", None)
+        if a0 is None or b0 is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, a0]), torch.cat([self.lora_B, -b0], 1)
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.state_dict())
+        if getattr(self, "lora_A0", None) is not None:  # an ordinary LoRA of rank 2r, same change
+            a, b = self.shipped_factors()
+            state["lora_A"], state["lora_B"] = a.detach(), b.detach()
+        return state
 
 
 class LowRank(nn.Module):
@@ -338,6 +413,8 @@ class LinearLoRA(_LoRAAdapter):
         _init_pair(self, (r, in_f), (out_f, r), w, init)
         self.scale = scale
         self.transposed = transposed
+        if _data_init(init):
+            self._start_from_weight(w.T if transposed else w, scale, init)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         has_bias = bias and getattr(module, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(out_f, device=w.device, dtype=w.dtype)) if has_bias else None
@@ -346,7 +423,7 @@ class LinearLoRA(_LoRAAdapter):
         self._folded_scale: torch.Tensor | None = None  # DoRA's g from delta(), for fold_gradient on the same call
 
     def _low_rank(self) -> LowRankDelta:
-        A, B = self.lora_A, self.lora_B  # the weight is (out, in), or (in, out) when transposed
+        A, B = self.shipped_factors()  # the weight is (out, in), or (in, out) when transposed
         return LowRankDelta(A.T, B.T, self.scale) if self.transposed else LowRankDelta(B, A, self.scale)
 
     def _dora_scale(self, module: nn.Module) -> torch.Tensor:
@@ -358,8 +435,9 @@ class LinearLoRA(_LoRAAdapter):
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
-        xa = F.linear(self.dropout(x), self.lora_A)  # (..., r)
-        out = _add_low_rank(output, xa, self.lora_B, self.scale)
+        A, B = self.shipped_factors()
+        xa = F.linear(self.dropout(x), A)  # (..., r)
+        out = _add_low_rank(output, xa, B, self.scale)
         if self.lora_magnitude is not None:  # g * (x W^T + s x A^T B^T) + b, from the layer's own output
             g = self._dora_scale(module).to(out.dtype)
             b = getattr(module, "bias", None)
@@ -409,6 +487,11 @@ class ConvLoRA(_LoRAAdapter):
         _init_pair(self, (self.rank, module.in_channels // g, *module.kernel_size),
                    (module.out_channels, self.rank // g, *([1] * nd)), w, init)
         self.scale = scale
+        if _data_init(init):
+            if g > 1:
+                raise TargetError(f"lora init={init!r} starts from a weight's decomposition, which a grouped "
+                                  "convolution's block structure does not keep; leave grouped convs out of targets")
+            self._start_from_weight(w.reshape(w.shape[0], -1), scale, init)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         has_bias = bias and module.bias is not None
         self.lora_bias = nn.Parameter(torch.zeros(module.out_channels, device=w.device, dtype=w.dtype)) if has_bias else None
@@ -419,7 +502,8 @@ class ConvLoRA(_LoRAAdapter):
         g = conv.groups
         out_c = self.lora_B.shape[0]
         if g == 1:
-            return LowRankDelta(self.lora_B.reshape(out_c, -1), self.lora_A.reshape(self.rank, -1), self.scale)
+            A, B = self.shipped_factors()
+            return LowRankDelta(B.reshape(out_c, -1), A.reshape(A.shape[0], -1), self.scale)
         a = self.lora_A.reshape(g, self.rank // g, -1)  # (g, r/g, in/g * k...)
         b = self.lora_B.reshape(g, out_c // g, self.rank // g)  # (g, out/g, r/g)
         return self.scale * torch.bmm(b, a).reshape(conv.weight.shape)  # (out, in/g, k...)
@@ -450,8 +534,9 @@ class ConvLoRA(_LoRAAdapter):
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         conv = _conv(module)
-        h = conv._conv_forward(self.dropout(x), self.lora_A, None)  # (N, r, *spatial_out), same stride/padding
-        h = _CONV_FN[self.lora_A.dim() - 2](h, self.lora_B, groups=conv.groups)  # (N, out, *spatial_out)
+        A, B = self.shipped_factors()
+        h = conv._conv_forward(self.dropout(x), A, None)  # (N, r, *spatial_out), same stride/padding
+        h = _CONV_FN[A.dim() - 2](h, B, groups=conv.groups)  # (N, out, *spatial_out)
         out = output + self.scale * h
         if self.lora_magnitude is not None:  # g * (conv(x, W) + s * lora(x)) + b, from the layer's own output
             with torch.no_grad():
@@ -821,6 +906,17 @@ class LoRA(peftkit.Method[LoraConfig]):
                           if p and p not in covered and isinstance(getattr(m, "bias", None), nn.Parameter)})
         return peftkit.Plan(specs)
 
+    def file_method(self) -> peftkit.Method[Any]:
+        """After a PiSSA/OLoRA start the file is an ordinary LoRA of rank 2r with the same scale
+        (``[A; A0]``, ``[B, -B0]``): it loads on the untouched backbone with the same outputs."""
+        c = self.config
+        if not _data_init(c.init):
+            return self
+        factor = math.sqrt(2) if c.rslora else 2.0  # alpha' / r' (or / sqrt(r')) equals alpha / r
+        return type(self)(replace(c, r=2 * c.r, alpha=c.alpha * factor, init="kaiming",
+                                  rank_pattern={k: 2 * v for k, v in c.rank_pattern.items()},
+                                  alpha_pattern={k: v * factor for k, v in c.alpha_pattern.items()}))
+
     def _pick(self, pattern: dict[str, Any], path: str, default: Any) -> Any:
         for key, value in pattern.items():
             if matches(key, path):
@@ -829,6 +925,11 @@ class LoRA(peftkit.Method[LoraConfig]):
 
     def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> peftkit.Adapter:
         c = self.config
+        if _data_init(c.init) and not spec.get("bias_only") and not (
+                isinstance(module, (nn.Linear, *_CONVS)) or _is_hf_conv1d(module)) or (
+                _data_init(c.init) and "parameters" in spec):
+            raise TargetError(f"lora init={c.init!r} starts Linear and convolution layers from their weights; "
+                              f"{path!r} is a {type(module).__name__}: leave it out of targets (exclude=[...])")
         if "parameters" in spec:
             names = spec["parameters"]
             if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):

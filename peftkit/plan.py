@@ -122,9 +122,11 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
                        {p: dict(v) for p, v in decided.values.items() if p in planned})
 
 
-def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: list[str] | None = None) -> AdapterPlan:
-    """The plan of ``method`` for exactly these target paths and trained modules, as when the user
-    names them (for a format plugin importing another library's adapter): the method's
+def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: list[str] | None = None,
+             parameters: dict[str, list[str]] | None = None) -> AdapterPlan:
+    """The plan of ``method`` for exactly these target paths and trained modules (and, for a method
+    that adapts parameters, ``parameters``: owner path -> parameter names), as when the user names
+    them (for a format plugin importing another library's adapter): the method's
     :meth:`~peftkit.Method.plan` still has the last word, but nothing is selected by pattern.
 
     Raises:
@@ -135,7 +137,7 @@ def plan_for(model: nn.Module, method: Method[Any], targets: list[str], train: l
     train = _outermost(model, list(train or []))
     paths = [p for p in targets if not is_under(p, train)]
     context = PlanContext(model=model, targets=paths, explicit=True, train=train, trained_parameters=0,
-                          output_layer=None, replaced=False)
+                          output_layer=None, replaced=False, parameters=dict(parameters or {}))
     decided = _planned(m, context)
     planned = {p: dict(spec) for p, spec in decided.targets.items() if not is_under(p, train)}
     return AdapterPlan(m, info, planned, _outermost(model, train + list(decided.train)),

@@ -44,7 +44,7 @@ PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 # PEFT features peftkit's LoRA does not have: a file using any of them is refused, by name.
-UNSUPPORTED = {"lora_bias": False, "layer_replication": None, "target_parameters": None,
+UNSUPPORTED = {"lora_bias": False, "layer_replication": None,
                "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False,
                "use_bdlora": None, "arrow_config": None, "layers_to_transform": None, "megatron_config": None}
 
@@ -186,8 +186,12 @@ class PeftFormat(Format):
             names = {fix(_strip(k)): k for k in snap.tensors}  # our key -> the file's
             if len(names) != len(snap.tensors):
                 raise AdapterFileError(f"{where} holds two tensors for one place")
+            parameters = _target_parameters(model, cfg["target_parameters"], where)
+            nested = _parameter_keys(model, parameters)  # our key -> (owner, parameter, "A" | "B")
             lora_paths: dict[str, str] = {}  # module path -> kind
             for k, shape in shapes.items():
+                if k in nested:
+                    continue
                 for suffix, kind in ((".lora_A.weight", "pair"), (".lora_embedding_A", "embedding")):
                     if k.endswith(suffix) and ".base_layer.out_proj" not in k:  # out_proj: part of its attention's
                         if len(shape) < 2 or shape[0] < 1:
@@ -201,7 +205,15 @@ class PeftFormat(Format):
             train_paths = [p for p in modules if p and any(p == t or p.endswith("." + t) for t in cfg["modules_to_save"])]
             ranks = {p: shapes[f"{p}.lora_A.weight" if kind == "pair" else f"{p}.lora_embedding_A"][0]
                      for p, kind in lora_paths.items()}
-            alphas = {p: _pick(cfg["alpha_pattern"], p, cfg["lora_alpha"]) for p in lora_paths}
+            for k, (holder, pname, side) in nested.items():  # a 3-D parameter's A stacks experts * r rows
+                param = modules[holder].get_parameter(pname)
+                if side == "A" and k in shapes:
+                    ranks.setdefault(holder, shapes[k][0] // (param.shape[0] if param.dim() == 3 else 1))
+            both = sorted(set(lora_paths) & set(parameters))
+            if both:
+                raise AdapterFileError(f"{where} adapts module {shown(both[0])} and parameters of it; peftkit takes one "
+                                       "or the other")
+            alphas = {p: _pick(cfg["alpha_pattern"], p, cfg["lora_alpha"]) for p in [*lora_paths, *parameters]}
             try:
                 method = get_method("lora").cls.configure(
                     r=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"], dropout=cfg["lora_dropout"],
@@ -212,7 +224,7 @@ class PeftFormat(Format):
             except ConfigError as exc:
                 raise AdapterFileError(f"{where} has a LoRA config peftkit cannot take: {exc}") from None
             paths = sorted(lora_paths, key=list(modules).index)
-            plan = plan_for(model, method, paths, train_paths)
+            plan = plan_for(model, method, paths, train_paths, parameters)
             # the shapes every tensor must have, from a build on the meta device (nothing allocated yet)
             wanted = _places(build(model, plan, on_meta=True), modules, shapes.keys())
             unknown = sorted(set(shapes) - set(wanted))
@@ -274,6 +286,40 @@ def _parameter_pairs(path: str, module: nn.Module, a: ParameterLoRA, r: int, sca
         put(f"{key}lora_A.weight", A)
         put(f"{key}lora_B.weight", B)
     return [f"{path}.{n}" for n in names]
+
+
+def _target_parameters(model: nn.Module, wanted: list[str], where: str) -> dict[str, list[str]]:
+    """PEFT's ``target_parameters`` (full names, or suffixes as PEFT matches them) -> owner module path
+    -> parameter names, in the module's registration order."""
+    names = [n for n, _ in model.named_parameters()]
+    owners: dict[str, list[str]] = {}
+    for t in wanted:
+        hits = [n for n in names if n == t or n.endswith("." + t)]
+        if not hits:
+            raise BackboneMismatchError(f"{where} adapts parameter {shown(t)}, which this model does not have")
+        for n in hits:
+            owner, _, leaf = n.rpartition(".")
+            if leaf not in owners.setdefault(owner, []):
+                owners[owner].append(leaf)
+    for owner, leaves in owners.items():
+        order = list(model.get_submodule(owner)._parameters)
+        leaves.sort(key=order.index)
+    return owners
+
+
+def _parameter_keys(model: nn.Module | dict[str, nn.Module], owners: dict[str, list[str]]) -> dict[str, tuple[str, str, str]]:
+    """Where PEFT keeps each parameter's factors: ``owner.(base_layer.)*lora_A.weight``, the first of a
+    module's parameters (registration order) innermost -> (owner, parameter, "A" | "B")."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for owner, leaves in owners.items():
+        module = model[owner] if isinstance(model, dict) else model.get_submodule(owner)
+        order = list(module._parameters)
+        ordered = sorted(leaves, key=order.index)
+        for i, name in enumerate(ordered):
+            key = f"{owner}.{'base_layer.' * (len(ordered) - 1 - i)}"
+            out[f"{key}lora_A.weight"] = (owner, name, "A")
+            out[f"{key}lora_B.weight"] = (owner, name, "B")
+    return out
 
 
 def _strip(key: str) -> str:
@@ -350,7 +396,11 @@ def _lora_config(config: dict[str, Any], where: str) -> dict[str, Any]:
         "fan_in_fan_out": config.get("fan_in_fan_out") or False,
         "bias": config.get("bias") or "none",
         "modules_to_save": config.get("modules_to_save") or [],
+        "target_parameters": config.get("target_parameters") or [],
     }
+    if not isinstance(out["target_parameters"], list) or not all(isinstance(t, str) and t
+                                                                  for t in out["target_parameters"]):
+        raise AdapterFileError(f"{where}: {CONFIG} field 'target_parameters' must be a list of parameter names")
     if not all(isinstance(out[k], bool) for k in ("use_rslora", "use_dora", "fan_in_fan_out")):
         raise AdapterFileError(f"{where}: {CONFIG} fields use_rslora, use_dora and fan_in_fan_out must be true or false")
     if out["bias"] not in ("none", "lora_only", "all"):
@@ -408,6 +458,17 @@ def _places(prepared: Prepared, modules: dict[str, nn.Module], keys: Any) -> dic
             k = f"{p}.base_layer.out_proj.base_layer.bias"
             if a.out_proj.lora_bias is not None and k in keys:
                 out[k] = to(a.out_proj.lora_bias, convert=lambda v, m=module: v - m.out_proj.bias)
+        elif isinstance(a, ParameterLoRA):
+            for k, (_, name, side) in _parameter_keys(modules, {p: list(a.parts)}).items():
+                t = a.parts[name].get_parameter("lora_A" if side == "A" else "lora_B")
+                if t.dim() == 2:
+                    out[k] = to(t)
+                elif side == "A":  # (experts * r, cols) -> (experts, r, cols)
+                    out[k] = to(t, (t.shape[0] * t.shape[1], t.shape[2]), lambda v, s=tuple(t.shape): v.reshape(s))
+                else:  # (rows, r * experts) -> (experts, rows, r)
+                    n, rows, rank = t.shape
+                    out[k] = to(t, (rows, rank * n),
+                                lambda v, n=n, rows=rows, rank=rank: v.reshape(rows, rank, n).permute(2, 0, 1))
         elif isinstance(a, EmbeddingLoRA):
             out[f"{p}.lora_embedding_A"] = to(a.lora_A)
             out[f"{p}.lora_embedding_B"] = to(a.lora_B)

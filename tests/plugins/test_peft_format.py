@@ -192,6 +192,20 @@ def test_named_parameters_export_as_target_parameters(tmp_path: Path) -> None:
     model = _peft_load(fresh(), out)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    back = peftkit.load(fresh(), out).eval()  # and back
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=1e-5)
+    # a PEFT-made one (a suffix matching both blocks' experts), into peftkit
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["w1", "mine.weight"],
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(fresh(), cfg).eval()
+    with torch.no_grad():
+        expected = pm(x)
+    pm.save_pretrained(str(tmp_path / "p"))
+    imported = peftkit.import_peft(fresh(), tmp_path / "p").eval()
+    assert sorted(imported.peft_adapters["default"].paths) == ["blocks.0", "blocks.1", "mine"]
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), expected, atol=1e-5, rtol=1e-5)
     for options, match in (({"targets": ["pos_embed"]}, "root module"),
                            ({"targets": ["0.w1"], "dora": True}, "no DoRA"),
                            ({"targets": ["0.w1", "head"], "rank_pattern": {"blocks.0": 3}}, "rank 3")):

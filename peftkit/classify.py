@@ -44,7 +44,7 @@ from peftkit.errors import ConfigError
 
 __all__ = [
     "EpochStats", "Prediction", "TrainResult", "build_backbone", "method_options", "predict", "split_folders", "train",
-    "write_predictions",
+    "weights_digest", "write_predictions",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,7 +79,7 @@ class TrainResult:
             true class and columns the predicted one.
         plot: The PNG written (accuracy curves and confusion matrix), or None without matplotlib.
         trainable: Trainable parameters.
-        total: Parameters of backbone and adapter together.
+        total: Parameters of the backbone.
     """
 
     adapter: Path
@@ -140,7 +140,7 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None = None, *, 
         close = difflib.get_close_matches(name, known, 5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         extra = "" if timm is not None else " (timm models need `pip install timm`)"
-        raise ConfigError(f"model={name!r} is neither a torchvision nor a timm model{extra}{hint} "
+        raise ConfigError(f"model={name!r} is neither a torchvision nor a timm model{extra}{hint}. "
                           "See torchvision.models.list_models() and timm.list_models().")
     if weights is not None:
         _load_weights(model, Path(weights), name)
@@ -154,8 +154,8 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ConfigError(f"weights={str(path)!r} cannot be read as a PyTorch state_dict ({type(exc).__name__}: "
-                          f"{str(exc)[:200]})") from None
+        raise ConfigError(f"weights={str(path)!r} cannot be read as a PyTorch checkpoint of tensors "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -173,11 +173,14 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
     model.load_state_dict(state)
 
 
-def _sha256(path: Path) -> str:
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's tensors (names, dtypes, shapes, values): the same for the same weights,
+    however the file holding them was written."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -185,13 +188,23 @@ def _normalisation(model: nn.Module, size: int | None) -> tuple[int, tuple[float
     """Image size and normalisation the backbone expects: timm's pretrained config, else ImageNet's."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     default = cfg.get("input_size", (3, 224, 224))[-1]
-    return (size or int(default), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+    return (size if size is not None else int(default), tuple(cfg.get("mean", IMAGENET_MEAN)),
+            tuple(cfg.get("std", IMAGENET_STD)))
 
 
 # -- data -----------------------------------------------------------------------------------------
+def _load_image(path: str) -> Any:
+    """An image as RGB, or an error naming the file (a corrupt or mislabelled file in the folder)."""
+    try:
+        return torchvision.datasets.folder.default_loader(path)
+    except OSError as exc:  # PIL's UnidentifiedImageError, truncated files
+        raise ConfigError(f"{path!r} is not a readable image ({type(exc).__name__}: {str(exc)[:120]}); remove or "
+                          "replace it") from None
+
+
 def _image_folder(root: Path, transform: Callable[[Any], Any]) -> torchvision.datasets.ImageFolder:
     try:
-        return torchvision.datasets.ImageFolder(root, transform)
+        return torchvision.datasets.ImageFolder(root, transform, loader=_load_image)
     except (FileNotFoundError, OSError) as exc:
         raise ConfigError(f"data={str(root)!r} is not an ImageFolder: {exc}. Expected one subfolder per class "
                           "holding images (.jpg, .png, ...), or train/ and val/ folders laid out that way.") from None
@@ -211,10 +224,10 @@ def split_folders(root: str | os.PathLike[str], train_tf: Callable[[Any], Any], 
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data={str(root)!r} is not a folder")
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction!r} is invalid; expected a fraction in (0, 1), e.g. 0.2")
     train_root = root / "train" if (root / "train").is_dir() else root
     val_root = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
+    if val_root is None and not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction!r} is invalid; expected a fraction in (0, 1), e.g. 0.2")
     train_set = _image_folder(train_root, train_tf)
     classes: list[str] = list(train_set.classes)
     if len(classes) < 2:
@@ -283,7 +296,7 @@ def _convert(text: str, hint: Any, option: str) -> Any:
 
 def method_options(method: str, args: Sequence[str]) -> dict[str, Any]:
     """The ``--option value`` pairs after a method's name, converted to its config's field types
-    (``--r 8 --alpha 16``, ``--targets layer3,layer4``; ``--flag`` alone means true).
+    (``--r 8 --alpha 16``, ``--targets 'layer4\\..*'``; a boolean ``--flag`` alone means true).
 
     Raises:
         ConfigError: an option the method does not have (with the nearest names), or a bad value.
@@ -313,8 +326,10 @@ def method_options(method: str, args: Sequence[str]) -> dict[str, Any]:
             value, i = inline, i + 1
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             value, i = args[i + 1], i + 2
+        elif key not in WRAP_LISTS and hints[key] is bool:
+            value, i = "true", i + 1  # a flag alone
         else:
-            value, i = "true", i + 1
+            raise ConfigError(f"--{key.replace('_', '-')} needs a value")
         options[key] = (_convert(value, list[str], key) if key in WRAP_LISTS else _convert(value, hints[key], key))
     return options
 
@@ -379,30 +394,41 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str], *, model: s
         max_steps: Stop each epoch after this many steps (smoke tests).
         log: Where progress lines go.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError(f"epochs={epochs} and batch_size={batch_size} must both be at least 1")
+    for what, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("max_steps", max_steps, 1),
+                             ("image_size", image_size, 16)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{what}={value!r} is invalid; expected an integer of at least {low}")
+    if lr is not None and not 0 < lr < math.inf:
+        raise ConfigError(f"lr={lr!r} is invalid; expected a positive learning rate such as 1e-3")
     infos = peftkit.methods()
     if method not in infos:
         raise peftkit.errors.UnknownMethodError(f"no method {method!r}; registered: {', '.join(infos)}")
     out = Path(out)
+    if out.suffix.lower() != ".safetensors" or out.is_dir():
+        raise ConfigError(f"out={str(out)!r} names the adapter file to write: give it a .safetensors name (the plot "
+                          "is written beside it, as .png)")
     backbone = build_backbone(model, weights, seed=seed)
     size, mean, std = _normalisation(backbone, image_size)
     train_set, val_set, classes = split_folders(data, *_transforms(size, mean, std), val_fraction=val_fraction, seed=seed)
     if len(val_set) == 0 or len(train_set) == 0:
-        raise ConfigError(f"data={str(data)!r} has too few images to hold out a validation set ({len(train_set)} "
-                          "for training, none to validate); add images, or a val/ folder")
+        raise ConfigError(f"data={str(data)!r} leaves {len(train_set)} images for training and {len(val_set)} to "
+                          "validate; both need some (add images, change val_fraction, or add a val/ folder)")
+    if out.exists():
+        log(f"note: {out} exists; it is replaced when the first epoch ends")
     g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size, shuffle=True, generator=g, num_workers=0)
+    # a last batch of one image would fail in BatchNorm layers being trained: dropped when there is more
+    train_loader = DataLoader(train_set, batch_size, shuffle=True, generator=g, num_workers=0,
+                              drop_last=len(train_set) % batch_size == 1 and len(train_set) > batch_size)
     val_loader = DataLoader(val_set, batch_size, num_workers=0)
     options = dict(options or {})
     config_fields = {f.name for f in dataclasses.fields(infos[method].cls.Config)}
     if "data" in config_fields and "data" not in options:  # a method that estimates from data (FISH)
         options["data"] = train_loader
     m = peftkit.wrap(backbone, method, head=_head(backbone, head, len(classes)), **options)
-    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in m.parameters())
+    trainable = m.trainable_parameters()
+    total = sum(p.numel() for p in backbone.parameters())
     rate = lr if lr is not None else (infos[method].cls.learning_rate or 1e-3)
-    log(f"{model} + {method}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%}); "
+    log(f"{model} + {method}: {trainable:,} parameters train ({trainable / total:.2%} of the backbone's {total:,}); "
         f"{len(classes)} classes, {len(train_set)} training and {len(val_set)} validation images at {size} px; "
         f"lr {rate:g}")
     opt = torch.optim.AdamW(peftkit.param_groups(m, lr=rate, decay=lr_decay), weight_decay=1e-4)
@@ -411,7 +437,7 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str], *, model: s
                                                 total_steps=epochs * steps_per_epoch, pct_start=0.1)
     meta = {"train.model": model, "train.classes": json.dumps(classes), "train.image_size": str(size),
             "train.mean": json.dumps(mean), "train.std": json.dumps(std), "train.seed": str(seed),
-            "train.weights_sha256": _sha256(Path(weights)) if weights is not None else "none"}
+            "train.weights": weights_digest(backbone) if weights is not None else "none"}
     history: list[EpochStats] = []
     best = (-1.0, 0, torch.zeros(0))
     for epoch in range(1, epochs + 1):
@@ -500,7 +526,7 @@ class _Images(Dataset[tuple[torch.Tensor, int]]):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(torchvision.datasets.folder.default_loader(str(self.files[i]))), i
+        return self.transform(_load_image(str(self.files[i]))), i
 
 
 def predict(adapter: str | os.PathLike[str], data: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None,
@@ -508,27 +534,34 @@ def predict(adapter: str | os.PathLike[str], data: str | os.PathLike[str], *, we
     """Classify every image under ``data`` with an adapter file written by :func:`train`.
 
     The backbone is rebuilt from the file's header (``model`` overrides its name) with ``weights``,
-    which must be the file the adapter was trained on (checked by hash). An image in a folder named
-    after a class gets that class as its label.
+    which must hold the tensors the adapter was trained on (checked by a hash of the tensors, so a
+    re-saved copy is fine). An image in a folder named after a class gets that class as its label.
 
     Raises:
         ConfigError: no images, the wrong weights, or a file ``train`` did not write.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is invalid; expected at least 1")
+    root = Path(data)
+    if not root.exists():
+        raise ConfigError(f"data={str(data)!r} does not exist")
     header = peftkit.read_header(adapter)
     classes: list[str] = _header_value(header, "train.classes")
     name = model or _header_value(header, "train.model")
-    trained_on = _header_value(header, "train.weights_sha256")
+    trained_on = _header_value(header, "train.weights")
     if trained_on != "none" and weights is None:
-        raise ConfigError(f"{str(adapter)!r} was trained on backbone weights with sha256 {trained_on[:12]}…; pass "
-                          "that weights file with --weights")
-    if weights is not None and trained_on != _sha256(Path(weights)):
-        raise ConfigError(f"weights={str(weights)!r} are not the ones {str(adapter)!r} was trained on (sha256 "
-                          f"{trained_on[:12]}…{', it was trained on random weights' if trained_on == 'none' else ''})")
+        raise ConfigError(f"{str(adapter)!r} was trained on backbone weights from a file; pass that file with --weights")
+    if trained_on == "none" and weights is not None:
+        raise ConfigError(f"{str(adapter)!r} was trained on random backbone weights (no --weights), not on "
+                          f"{str(weights)!r}: its predictions only make sense on the same random backbone; leave out "
+                          "--weights")
     backbone = build_backbone(name, weights, seed=int(_header_value(header, "train.seed")))
+    if weights is not None and weights_digest(backbone) != trained_on:
+        raise ConfigError(f"weights={str(weights)!r} are not the ones {str(adapter)!r} was trained on (their tensors "
+                          "differ); pass the weights file given to `peftkit train`")
     m = peftkit.load(backbone, adapter)
     size = int(_header_value(header, "train.image_size"))
     _, eval_tf = _transforms(size, _header_value(header, "train.mean"), _header_value(header, "train.std"))
-    root = Path(data)
     extensions = torchvision.datasets.folder.IMG_EXTENSIONS
     files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.suffix.lower() in extensions)
     if not files:
@@ -541,8 +574,8 @@ def predict(adapter: str | os.PathLike[str], data: str | os.PathLike[str], *, we
             probs = m(x).softmax(-1)
             p, k = probs.max(-1)
             for i, pi, ki in zip(idx.tolist(), p.tolist(), k.tolist(), strict=True):
-                parent = files[i].parent.name
-                label = parent if parent in classes and files[i].parent != root else None
+                parent = files[i].parent.name  # also the folder given, when it is named after a class
+                label = parent if parent in classes else None
                 out.append(Prediction(files[i], classes[ki], pi, label))
     m.unwrap()
     return out
@@ -550,6 +583,8 @@ def predict(adapter: str | os.PathLike[str], data: str | os.PathLike[str], *, we
 
 def write_predictions(predictions: list[Prediction], out: str | os.PathLike[str] | None) -> None:
     """Predictions as CSV (``path,predicted,probability,label``) to ``out``, or stdout."""
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     handle = open(out, "w", newline="") if out is not None else sys.stdout  # noqa: SIM115 (stdout is not closed)
     try:
         writer = csv.writer(handle)

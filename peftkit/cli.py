@@ -98,7 +98,8 @@ def _train_parser(sub: Any) -> None:
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a torchvision or timm classifier on an ImageFolder with a peftkit method. Options the "
                     "command does not know go to the method: --r 8 --alpha 16 (lora), --keep 0.01 (fish), "
-                    "--targets layer3,layer4; `peftkit methods` lists the methods.",
+                    "--targets 'layer4\\..*' (comma lists of names, suffixes or regexes); `peftkit methods` lists the "
+                    "methods.",
         epilog="example:\n  peftkit train --data hymenoptera_data --model resnet18 --weights resnet18.pth \\\n"
                "      --method lora --r 8 --epochs 5 --out bees-ants.safetensors")
     p.add_argument("--data", required=True, help="ImageFolder root: train/ and val/ folders, or class folders")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import container, sharding
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .files import RESERVED_PREFIX, AdapterHeader, file_metadata, is_safetensors, read_adapter, read_header
 from .formats import find_format, import_adapter
 from .model import AdaptedModel, attach, check_name, ensure_unwrapped
@@ -83,9 +83,11 @@ def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if not isinstance(metadata, Mapping):
         raise ConfigError(f"metadata must be a mapping of strings to strings, got {type(metadata).__name__}")
     for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ConfigError(f"metadata entries must be strings (JSON-encode other values); {key!r} maps to a "
-                              f"{type(value).__name__}")
+        if not isinstance(key, str):
+            raise ConfigError(f"metadata keys must be strings; got the {type(key).__name__} {key!r}")
+        if not isinstance(value, str):
+            raise ConfigError(f"metadata values must be strings (JSON-encode other values); {key!r} maps to "
+                              f"{type(value).__name__} {shown(value, 40)}")
         if key.startswith(RESERVED_PREFIX) or not key:
             raise ConfigError(f"metadata key {key!r} is reserved or empty; keys starting with {RESERVED_PREFIX!r} "
                               "belong to peftkit's own header")

@@ -5,7 +5,8 @@ backbone. Mix :class:`AdapterCheckpoints` in first, and checkpoints hold everyth
 adapters, the modules trained whole, the module's own layers, optimizer and loop states) while the
 backbone's tensors are left out; resuming (``trainer.fit(ckpt_path=...)``) and
 ``load_from_checkpoint`` take them from the module being restored, after checking that its backbone
-has the same tensor names and shapes::
+has the same tensor names, shapes and values (a sum and a sum of squares per tensor, recorded when
+the checkpoint was written)::
 
     class Classifier(peftkit.lightning.AdapterCheckpoints, lightning.LightningModule):
         def __init__(self, backbone):
@@ -26,6 +27,7 @@ A module that already overrides ``on_save_checkpoint``/``on_load_checkpoint`` ca
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,14 +64,26 @@ def backbone_keys(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def strip_backbone(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Leave the frozen backbone's tensors out of a Lightning ``checkpoint`` (in place), recording
-    their names and shapes so that :func:`restore_backbone` can check the module it restores into."""
+    their names, shapes and a signature of their values so that :func:`restore_backbone` can check
+    the module it restores into."""
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise ConfigError("the checkpoint holds no 'state_dict'; strip_backbone is called from on_save_checkpoint")
-    left_out = {k: list(t.shape) for k, t in backbone_keys(module).items() if k in state}
+    left_out = {k: {"shape": list(t.shape), "sums": _sums(t)} for k, t in backbone_keys(module).items() if k in state}
     for k in left_out:
         del state[k]
     checkpoint[CHECKPOINT_KEY] = left_out
+
+
+def _sums(t: torch.Tensor) -> list[float]:
+    """A cheap signature of a tensor's values: its sum and sum of squares (float64)."""
+    with torch.no_grad():
+        d = t.detach().double()
+        return [float(d.sum()), float(d.square().sum())]
+
+
+def _same_values(a: list[float], b: list[float]) -> bool:
+    return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
 
 
 def restore_backbone(module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -79,8 +93,8 @@ def restore_backbone(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 
     Raises:
         ConfigError: the module's backbone lacks tensors the checkpoint left out, or has them in
-            other shapes (the checkpoint was written for another backbone); the checkpoint and the
-            module are unchanged.
+            other shapes or with other values (the checkpoint was written for another backbone); the
+            checkpoint and the module are unchanged.
     """
     left_out = checkpoint.get(CHECKPOINT_KEY)
     if left_out is None:
@@ -88,16 +102,20 @@ def restore_backbone(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(left_out, dict) or not isinstance(state, dict):
         raise ConfigError(f"the checkpoint's {CHECKPOINT_KEY!r} or 'state_dict' entry is malformed")
+    if not all(isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("sums"), list)
+               and len(v["sums"]) == 2 for v in left_out.values()):
+        raise ConfigError(f"the checkpoint's {CHECKPOINT_KEY!r} entry is malformed")
     own = backbone_keys(module)
     missing = [k for k in left_out if k not in own]
-    shapes = [k for k in left_out if k in own and list(own[k].shape) != list(left_out[k])]
+    shapes = [k for k in left_out if k in own and list(own[k].shape) != list(left_out[k]["shape"])]
     extra = [k for k in own if k not in left_out and k not in state]
-    if missing or shapes or extra:
+    values = [k for k in left_out if k in own and k not in shapes and not _same_values(_sums(own[k]), left_out[k]["sums"])]
+    if missing or shapes or extra or values:
         parts = [f"{what} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}" for what, keys in
-                 (("lacks", missing), ("has other shapes for", shapes), ("has tensors it did not record:", extra))
-                 if keys]
+                 (("lacks", missing), ("has other shapes for", shapes), ("has tensors it did not record:", extra),
+                  ("has other values in", values)) if keys]
         raise ConfigError(f"this checkpoint was written for another backbone: the module's backbone "
-                          f"{'; '.join(parts)}. Build the module on the backbone it was trained with.")
+                          f"{'; '.join(parts)}. Build the module on the backbone (the weights too) it was trained with.")
     for k in left_out:
         state[k] = own[k].detach()
 

@@ -176,6 +176,11 @@ class Fish(peftkit.Method[FishConfig]):
         # new head) are not, and their parameters count inside the budget, as in the reference
         targets = set(context.targets)
         names = {n for n in candidate_names(model, c.candidates) if n.rpartition(".")[0] in targets}
+        if not names:
+            shown_targets = ", ".join(sorted(targets)[:3]) + (" …" if len(targets) > 3 else "")
+            raise ConfigError(f"fish: the targets ({shown_targets}) hold no candidate parameters of their own; FISH "
+                              "picks entries of the parameters its targets hold directly, so select the layers inside "
+                              r"a block (a regex such as 'layer4\..*'), or leave targets out")
         return fisher_mask(model, c.data, c.loss_fn, keep=c.keep, samples=c.samples, fisher=c.fisher,
                            scope=c.scope, candidates=lambda n, _: n in names,
                            trained_parameters=context.trained_parameters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,9 @@ def test_method_options_take_the_configs_types() -> None:
         classify.method_options("lora", ["--r", "eight"])
     with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
         classify.method_options("lora", ["stray"])
+    with pytest.raises(ConfigError, match="--r needs a value"):
+        classify.method_options("lora", ["--r", "--alpha", "4"])
+    assert classify.method_options("lora", ["--rslora", "--r", "2"]) == {"rslora": True, "r": 2}
     with pytest.raises(UnknownMethodError, match="lorra"):
         classify.method_options("lorra", [])
 
@@ -142,7 +146,14 @@ def test_misuse_is_refused_with_the_fix(images: Path, weights: Path, tmp_path: P
         classify.train(one, tmp_path / "x.safetensors", image_size=32)
     with pytest.raises(ConfigError, match="head='keep'"):
         classify.train(images, tmp_path / "x.safetensors", head="keep", image_size=32, log=lambda _: None)
-    assert not (tmp_path / "x.safetensors").exists()
+    for bad, match in (({"out": tmp_path / "x.png"}, "safetensors name"), ({"out": tmp_path}, "safetensors name"),
+                       ({"max_steps": 0}, "max_steps"), ({"image_size": -3}, "image_size"), ({"image_size": 0}, "image_size"),
+                       ({"lr": 0.0}, "lr=0.0"), ({"lr": -1.0}, "lr=-1.0"), ({"epochs": 0}, "epochs")):
+        with pytest.raises(ConfigError, match=match):
+            classify.train(images, **{"out": tmp_path / "x.safetensors", "image_size": 32, **bad})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="leaves 0 images for training"):
+        classify.train(images / "train", tmp_path / "x.safetensors", val_fraction=0.99, image_size=32)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.png").exists()
 
     out = tmp_path / "a.safetensors"
     classify.train(images, out, weights=weights, method="last_layer", epochs=1, image_size=32, max_steps=1,
@@ -151,10 +162,26 @@ def test_misuse_is_refused_with_the_fix(images: Path, weights: Path, tmp_path: P
     torch.save(torchvision.models.resnet18().state_dict(), other)
     with pytest.raises(ConfigError, match="not the ones"):
         classify.predict(out, images / "val", weights=other)
-    with pytest.raises(ConfigError, match="pass that weights file"):
+    with pytest.raises(ConfigError, match="pass that file with --weights"):
         classify.predict(out, images / "val")
+    # the same tensors re-saved (another container, a wrapping dict) are the same weights
+    copy = tmp_path / "copy.pth"
+    torch.save({"state_dict": dict(reversed(list(torch.load(weights, weights_only=True).items())))}, copy)
+    assert len(classify.predict(out, images / "val", weights=copy)) == 12
+    with pytest.raises(ConfigError, match="does not exist"):
+        classify.predict(out, tmp_path / "nowhere", weights=weights)
+    with pytest.raises(ConfigError, match="batch_size"):
+        classify.predict(out, images / "val", weights=weights, batch_size=0)
+    broken = tmp_path / "broken"
+    shutil.copytree(images / "val", broken)
+    (broken / "bees" / "bad.jpg").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"bad\.jpg' is not a readable image"):
+        classify.predict(out, broken, weights=weights)
+    with pytest.raises(ConfigError, match=r"bad\.jpg' is not a readable image"):
+        classify.train(broken, tmp_path / "b.safetensors", epochs=1, image_size=32, plot=False, log=lambda _: None)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
-        classify.predict(out, tmp_path / "one" / "missing", weights=weights)
+        classify.predict(out, tmp_path / "empty", weights=weights)
     plain = peftkit.save(peftkit.wrap(torchvision.models.resnet18(), "lora", r=2), tmp_path / "plain.safetensors")
     with pytest.raises(ConfigError, match="not written by `peftkit train`"):
         classify.predict(plain, images / "val")

@@ -81,6 +81,7 @@ def test_checkpoints_hold_no_backbone_and_resume_where_the_run_left_off(tmp_path
     ckpt = torch.load(tmp_path / "full" / "epoch=0-step=4.ckpt", weights_only=False)
     assert not any("base_model." in k for k in ckpt["state_dict"])
     assert set(ckpt[CHECKPOINT_KEY]) == {f"model.base_model.{k}" for k in frozen}
+    assert ckpt[CHECKPOINT_KEY]["model.base_model.0.weight"]["shape"] == [32, 8]
     assert any("lora_A" in k for k in ckpt["state_dict"]) and "extra.weight" in ckpt["state_dict"]
     assert any(k.endswith("copies.0.running_mean") for k in ckpt["state_dict"])  # the trained BatchNorm's statistics too
     assert ckpt["optimizer_states"], "the optimizer state is checkpointed as usual"
@@ -126,6 +127,9 @@ def test_a_checkpoint_for_another_backbone_is_refused_and_changes_nothing(tmp_pa
     kept = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
     with pytest.raises(ConfigError, match="lacks|other shapes"):
         other.on_load_checkpoint(checkpoint)
+    same_shapes = Classifier(_backbone(seed=1))  # the same architecture with other weights
+    with pytest.raises(ConfigError, match="other values in model.base_model.0.weight"):
+        same_shapes.on_load_checkpoint(checkpoint)
     assert checkpoint["state_dict"].keys() == kept.keys()
     for k, v in other.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)

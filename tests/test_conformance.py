@@ -35,9 +35,13 @@ class TestLoraGaussianRsloraBias(MethodSuite):
 
 
 class TestDora(MethodSuite):
+    """DoRA's own tests cover every layer kind against a written-out reference; the kit here runs on
+    a conv net and a transformer (Linear, Conv, MultiheadAttention)."""
+
     method = "lora"
     options = {"r": 2, "dora": True}
     random_options = {"r": 2, "dora": True, "init": False}
+    models = ("cnn", "transformer")
 
 
 class TestSerialAdapter(MethodSuite):

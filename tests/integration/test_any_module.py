@@ -332,8 +332,9 @@ def test_target_messages_for_parameters_and_containers() -> None:
     import torchvision
 
     net = torchvision.models.resnet18()
-    with pytest.raises(TargetError, match="'fc.weight' is a parameter.*select 'fc' instead"):
-        peftkit.wrap(net, "lora", targets=["fc.weight"])
+    with pytest.raises(TargetError, match="'fc.weight' is a parameter, and 'serial_adapter' selects modules; select 'fc'"):
+        peftkit.wrap(net, "serial_adapter", targets=["fc.weight"])
+    assert peftkit.wrap(net, "lora", targets=["fc.weight"]).unwrap() is net  # LoRA adapts parameters too
     with pytest.raises(TargetError, match=r"downsample \(Sequential\), none of which 'lora' can adapt; select the layers "
                                           r"inside them, e.g. layer2.0.downsample.0"):
         peftkit.wrap(net, "lora", targets=r"layer2\.0\.downsample")

@@ -338,6 +338,53 @@ class _ConvLowRankGradient(torch.autograd.Function):
         return g, None, grad_a, grad_b, grad_bias, None, None
 
 
+class _DoraConvGradient(torch.autograd.Function):
+    """:class:`_DoraGradient` for convolutions: the conv ran with ``W' = g * (W + s dW)`` folded in;
+    left are ``dm = sum dy (y - b) / m`` over batch and space, and :class:`_ConvLowRankGradient`'s
+    ``dA``, ``dB`` with ``dy`` scaled by ``g`` per output channel."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                magnitude: torch.Tensor, bias: torch.Tensor | None, scale: float, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+                g: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        nd = A.dim() - 2
+        shape = (1, -1, *[1] * nd)
+        with torch.autocast(x.device.type, enabled=False):
+            h = _CONV_FN[nd](x.to(A.dtype), A, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = output.detach()
+        unbiased = ((y - offset.view(shape) if offset is not None else y.clone())
+                    if ctx.needs_input_grad[4] else None)  # a copy: the caller may change the output in place
+        ctx.save_for_backward(x, h, A, B, magnitude, g, unbiased)
+        ctx.scale, ctx.has_bias, ctx.shape = scale, bias is not None, shape
+        ctx.conv = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, A, B, magnitude, g, unbiased = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        nd = A.dim() - 2
+        g2 = grad.to(B.dtype)
+        reduce = [0, *range(2, g2.dim())]
+        grad_a = grad_b = grad_m = grad_bias = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            scaled = g2 * g.to(g2.dtype).view(ctx.shape)
+            one, zero = [1] * nd, [0] * nd
+            g_h, grad_b, _ = torch.ops.aten.convolution_backward(
+                scaled, h, B, None, one, zero, one, False, zero, groups, [True, ctx.needs_input_grad[3], False])
+            if ctx.needs_input_grad[2]:
+                grad_a = torch.ops.aten.convolution_backward(
+                    g_h, x.to(A.dtype), A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
+                grad_a = grad_a.mul_(ctx.scale)
+            if grad_b is not None:
+                grad_b = grad_b.mul_(ctx.scale)
+        if unbiased is not None:
+            grad_m = (g2 * unbiased.to(g2.dtype)).sum(reduce) / magnitude
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = g2.sum(reduce)
+        return grad, None, grad_a, grad_b, grad_m, grad_bias, None, None, None, None
+
+
 class _LoRAAdapter(peftkit.Adapter):
     """What every LoRA adapter shares: its ``lora_B`` factors are the output side (LoRA+); with a
     PiSSA/OLoRA start, frozen copies of the starting factors (``lora_A0``, ``lora_B0``) so that the
@@ -451,10 +498,11 @@ class LinearLoRA(_LoRAAdapter):
         x = args[0] if args else kwargs["input"]
         if self.lora_magnitude is None:
             return _LowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale)
-        # the layer's bias is its own (DoRA scales the weight only); g is the one its folded weight used,
-        # from delta(): the layer's weight is that folded weight now, not W
-        biases = [t.detach() for t in (getattr(module, "bias", None), self.lora_bias) if t is not None]
-        offset = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
+        # DoRA scales the weight only: the bias the layer added is its bias now (bias deltas substituted
+        # in); g is the one its folded weight used, from delta(): the layer's weight is that folded
+        # weight now, not W
+        bias = getattr(module, "bias", None)
+        offset = bias.detach() if isinstance(bias, torch.Tensor) else None
         assert self._folded_scale is not None, "fold_gradient follows delta() on the same call"
         g, self._folded_scale = self._folded_scale, None
         return _DoraGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias,
@@ -496,6 +544,7 @@ class ConvLoRA(_LoRAAdapter):
         has_bias = bias and module.bias is not None
         self.lora_bias = nn.Parameter(torch.zeros(module.out_channels, device=w.device, dtype=w.dtype)) if has_bias else None
         self.lora_magnitude = nn.Parameter(dora_magnitude(w, self._low_rank(module))) if dora else None  # (out,)
+        self._folded_scale: torch.Tensor | None = None  # DoRA's g from delta(), for fold_gradient on the same call
 
     def _low_rank(self, module: nn.Module) -> Delta:
         conv = _conv(module)
@@ -522,14 +571,20 @@ class ConvLoRA(_LoRAAdapter):
         # 3-channel stems and on 16-32 channels (the demo's ResNet: 10.0 vs 7.1 ms a layer), where
         # r-channel convolutions run at a fraction of the kernels' speed (measured on CPU).
         conv = _conv(module)
-        return (isinstance(self.dropout, nn.Identity) and self.lora_magnitude is None and conv.padding_mode == "zeros"
+        return (isinstance(self.dropout, nn.Identity) and conv.padding_mode == "zeros"
                 and not isinstance(conv.padding, str) and math.prod(conv.kernel_size) > 1
                 and conv.in_channels // conv.groups >= 64)
 
     def fold_gradient(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         conv = _conv(module)
-        return _ConvLowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale, conv)
+        if self.lora_magnitude is None:
+            return _ConvLowRankGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_bias, self.scale, conv)
+        offset = conv.bias.detach() if conv.bias is not None else None  # its bias now: bias deltas substituted in
+        assert self._folded_scale is not None, "fold_gradient follows delta() on the same call"
+        g, self._folded_scale = self._folded_scale, None  # from delta(): the conv's weight is the folded one now
+        return _DoraConvGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias,
+                                       self.scale, conv, g, offset)
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
@@ -551,7 +606,8 @@ class ConvLoRA(_LoRAAdapter):
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         d = self._low_rank(module)
         if self.lora_magnitude is not None:
-            d = dora_delta(_conv(module).weight, d, self.lora_magnitude)[0]
+            d, g = dora_delta(_conv(module).weight, d, self.lora_magnitude)
+            self._folded_scale = g.detach()
         deltas: dict[str, Delta] = {"weight": d}
         if self.lora_bias is not None:
             deltas["bias"] = self.lora_bias

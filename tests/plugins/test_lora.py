@@ -938,3 +938,39 @@ def test_randomized_pissa_and_misuse() -> None:
     with pytest.raises(TargetError, match="grouped"):
         peftkit.wrap(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "lora", r=2, init="pissa", targets=["0"])
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in net.modules())
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_dora_fold_with_a_bias_delta_matches_the_reference(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3x3 conv over 64 channels, and a Linear, train DoRA in the fold form (the layer runs once with
+    the folded weight; the adapter's gradients come from its input and output gradient), with a bias
+    delta, also when the next layer changes the output in place."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        net = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1))
+        x = torch.randn(2, 64, 6, 6)
+    else:
+        net = nn.Sequential(nn.Linear(64, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+        x = torch.randn(2, 5, 64)
+    m = peftkit.wrap(net, "lora", r=2, alpha=4, dora=True, bias="lora_only", targets=["0"], init=False)
+    a = _lora(m, "0")
+    with torch.no_grad():
+        a.lora_magnitude.mul_(torch.rand_like(a.lora_magnitude) + 0.5)
+        a.lora_bias.normal_()
+    assert a.folds_in_training(net[0])
+    calls = []
+    original = type(a).fold_gradient
+    monkeypatch.setattr(type(a), "fold_gradient", lambda self, *args: calls.append(1) or original(self, *args))
+    out = m(x)
+    out.square().sum().backward()
+    assert calls, "the fold form ran"
+    got = {n: p.grad.clone() for n, p in a.named_parameters()}
+    a.zero_grad()
+    low_rank = a.scale * (a.lora_B.flatten(1) @ a.lora_A.flatten(1)).view_as(net[0].weight)
+    params = {"0.weight": _dora_weight(net[0].weight, low_rank, a.lora_magnitude), "0.bias": net[0].bias + a.lora_bias}
+    with m.disable_adapters():
+        want = torch.func.functional_call(net, params, (x,))
+    torch.testing.assert_close(out, want)
+    want.square().sum().backward()
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=lambda msg, n=n: f"{n}: {msg}")

@@ -428,6 +428,17 @@ def dora_row(smoke: bool) -> dict[str, Any]:
     return out
 
 
+def methods_row(smoke: bool) -> dict[str, Any]:
+    """Every built-in method on a real-data transfer task (benchmarks/methods.py, which also writes
+    METHODS.md when run on its own): accuracy and trainable share per method."""
+    sys.path.insert(0, str(HERE))
+    import methods  # benchmarks/methods.py
+
+    res = methods.run(shots=10, seeds=1 if smoke else 3, smoke=smoke)
+    return {name: f"{100 * r['accuracy']:.1f}% ± {100 * r['spread']:.1f} ({100 * r['share']:.2f}% trainable)"
+            for name, r in sorted(res["methods"].items(), key=lambda kv: -kv[1]["accuracy"])}
+
+
 def compile_row(smoke: bool) -> dict[str, Any]:
     import torch
 
@@ -495,7 +506,7 @@ def report(results: dict[str, Any]) -> str:
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for note in results.get("notes", []):  # e.g. a row measured again, and why
         lines += ["", f"Note: {note}"]
-    for section in ("io", "scale", "fish", "dora", "compile"):
+    for section in ("io", "scale", "fish", "dora", "methods", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                                                   for k, v in results[section].items()]
@@ -521,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory(row, lib, a.smoke)))
         return 0
     if a.section:
-        print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row,
+        print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
                           "compile": compile_row}[a.section](a.smoke)))
         return 0
     smoke = ["--smoke"] if a.smoke else []
@@ -531,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": f"torch {torch.__version__}, 2 threads, {reps} reps x {procs} processes",
                                "rows": {}}
     chosen = a.rows.split(",") if a.rows else list(rows(a.smoke))
-    sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "compile": compile_row}
+    sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
+                "compile": compile_row}
     for row in chosen:
         # the smoke run (the test suite's) stays in this process: it proves the code runs, times nothing
         runs = ([worker(row, reps, True)] if a.smoke else

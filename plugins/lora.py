@@ -300,6 +300,24 @@ class _LowRankGradient(torch.autograd.Function):
         return g, None, grad_a, grad_b, grad_bias, None
 
 
+def _conv_factor_grads(g: torch.Tensor, x: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       conv: tuple[list[int], list[int], list[int], int], scale: float, need_a: bool,
+                       need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dA, dB)`` of ``s * conv1x1(conv(x, A), B)`` from its output gradient ``g`` (``h = conv(x, A)``):
+    a 1 x 1 weight gradient for B, and a weight gradient with r output channels for A."""
+    stride, padding, dilation, groups = conv
+    nd = A.dim() - 2
+    one, zero = [1] * nd, [0] * nd
+    g_h, grad_b, _ = torch.ops.aten.convolution_backward(g, h, B, None, one, zero, one, False, zero, groups,
+                                                         [True, need_b, False])
+    grad_a = None
+    if need_a:
+        grad_a = torch.ops.aten.convolution_backward(
+            g_h, x.to(A.dtype), A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
+        grad_a = grad_a.mul_(scale)
+    return grad_a, (grad_b.mul_(scale) if grad_b is not None else None)
+
+
 class _ConvLowRankGradient(torch.autograd.Function):
     """The convolution counterpart of :class:`_LowRankGradient`: with ``h = conv(x, A)`` (r channels)
     and ``gB`` the output gradient projected to r channels, ``dB = s * sum(g h)`` (a 1 x 1 weight
@@ -319,20 +337,11 @@ class _ConvLowRankGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, A, B = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        nd = A.dim() - 2
         g2 = g.to(B.dtype)
         grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            one, zero = [1] * nd, [0] * nd
-            g_h, grad_b, _ = torch.ops.aten.convolution_backward(
-                g2, h, B, None, one, zero, one, False, zero, groups, [True, ctx.needs_input_grad[3], False])
-            if ctx.needs_input_grad[2]:
-                grad_a = torch.ops.aten.convolution_backward(
-                    g_h, x.to(A.dtype), A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
-                grad_a = grad_a.mul_(ctx.scale)
-            if grad_b is not None:
-                grad_b = grad_b.mul_(ctx.scale)
+            grad_a, grad_b = _conv_factor_grads(g2, x, h, A, B, ctx.conv, ctx.scale, ctx.needs_input_grad[2],
+                                                ctx.needs_input_grad[3])
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = g2.sum([0, *range(2, g2.dim())])
         return g, None, grad_a, grad_b, grad_bias, None, None
@@ -362,22 +371,12 @@ class _DoraConvGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, A, B, magnitude, g, unbiased = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        nd = A.dim() - 2
         g2 = grad.to(B.dtype)
         reduce = [0, *range(2, g2.dim())]
         grad_a = grad_b = grad_m = grad_bias = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            scaled = g2 * g.to(g2.dtype).view(ctx.shape)
-            one, zero = [1] * nd, [0] * nd
-            g_h, grad_b, _ = torch.ops.aten.convolution_backward(
-                scaled, h, B, None, one, zero, one, False, zero, groups, [True, ctx.needs_input_grad[3], False])
-            if ctx.needs_input_grad[2]:
-                grad_a = torch.ops.aten.convolution_backward(
-                    g_h, x.to(A.dtype), A, None, stride, padding, dilation, False, zero, groups, [False, True, False])[1]
-                grad_a = grad_a.mul_(ctx.scale)
-            if grad_b is not None:
-                grad_b = grad_b.mul_(ctx.scale)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the low-rank path is multiplied by g
+            grad_a, grad_b = _conv_factor_grads(g2 * g.to(g2.dtype).view(ctx.shape), x, h, A, B, ctx.conv, ctx.scale,
+                                                ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         if unbiased is not None:
             grad_m = (g2 * unbiased.to(g2.dtype)).sum(reduce) / magnitude
         if ctx.has_bias and ctx.needs_input_grad[5]:

@@ -23,6 +23,19 @@ def _lora(m: peftkit.AdaptedModel, path: str = "0"):
     return m.peft_adapters["default"].adapters[paths.index(path)]
 
 
+def _merge_round_trip(m: peftkit.AdaptedModel, x: Any, atol: float = 1e-6) -> torch.Tensor:
+    """In eval mode: merged equals unmerged (to rounding), and unmerging gives the same outputs bit
+    for bit. Returns the unmerged outputs."""
+    m.eval()
+    with torch.no_grad():
+        unmerged: torch.Tensor = m(x)
+        m.merge()
+        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=atol)
+        m.unmerge()
+        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+    return unmerged
+
+
 def test_linear_formula_and_scales() -> None:
     net = nn.Sequential(nn.Linear(6, 5))
     x = torch.randn(3, 6)
@@ -516,13 +529,7 @@ def test_recurrent_layers_every_weight_formula_merge_and_file(kind: type[nn.RNNB
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
     for k, v in model.state_dict().items():  # frozen means frozen
         torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
-    m.eval()
-    with torch.no_grad():
-        unmerged = m(x)
-        m.merge()
-        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-6)
-        m.unmerge()
-        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+    unmerged = _merge_round_trip(m, x)
     path = peftkit.save(m, tmp_path / "rnn.safetensors")
     torch.manual_seed(0)
     again = peftkit.load(_Recurrent(kind, **options), path).eval()
@@ -621,13 +628,7 @@ def test_named_parameters_formula_per_expert_merge_and_file(tmp_path: Path) -> N
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad)
     assert all(p.grad is None for p in net.parameters())
-    m.eval()
-    with torch.no_grad():
-        unmerged = m(x)
-        m.merge()
-        torch.testing.assert_close(m(x), unmerged, rtol=1e-5, atol=1e-6)
-        m.unmerge()
-        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=0)
+    unmerged = _merge_round_trip(m, x)
     path = peftkit.save(m, tmp_path / "params.safetensors")
     assert peftkit.read_header(path).targets["blocks.0"]["spec"] == {"parameters": ["w1"]}
     torch.manual_seed(0)

@@ -70,9 +70,19 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
+def _call(model: Any, x: Any) -> Any:
+    """``model(x)``; ``model(*x)`` for a tuple or list of inputs, ``model(**x)`` for a dict of them."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (list, tuple)):
+        return model(*x)
+    return model(x)
+
+
 def default_loss(model: Any, batch: Any) -> torch.Tensor:
-    """Cross-entropy for ``(x, y)`` batches (``model(x)`` gives logits); for dict batches (Hugging
-    Face style), the ``loss`` the model returns given ``labels``."""
+    """Cross-entropy for ``(x, y)`` batches (``model(x)`` gives logits; ``x`` may be a tuple of the
+    model's inputs, or a dict of keyword inputs); for dict batches (Hugging Face style), the ``loss``
+    the model returns given ``labels``."""
     if isinstance(batch, Mapping):
         out = model(**batch)
         if getattr(out, "loss", None) is None:
@@ -81,7 +91,7 @@ def default_loss(model: Any, batch: Any) -> torch.Tensor:
         return loss
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ConfigError("the default loss takes (x, y) batches; pass loss_fn(model, batch) -> loss for others")
-    return F.cross_entropy(_logits(model(batch[0])), batch[1])
+    return F.cross_entropy(_logits(_call(model, batch[0])), batch[1])
 
 
 def _with_sampled_labels(model: nn.Module, batch: Any, gen: torch.Generator) -> Any:
@@ -92,7 +102,7 @@ def _with_sampled_labels(model: nn.Module, batch: Any, gen: torch.Generator) -> 
             probs = F.softmax(_logits(model(**inputs)).float(), dim=-1)
             return {**inputs, "labels": torch.multinomial(probs, 1, generator=gen).squeeze(1)}
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = F.softmax(_logits(model(x)).float(), dim=-1)
+        probs = F.softmax(_logits(_call(model, x)).float(), dim=-1)
         return (x, torch.multinomial(probs, 1, generator=gen).squeeze(1))
 
 

@@ -89,6 +89,44 @@ def test_fisher_does_not_depend_on_batch_composition() -> None:
         torch.testing.assert_close(whole[n], split[n], rtol=1e-5, atol=1e-10)
 
 
+class _TwoInputs(nn.Module):
+    """A model of two inputs (tokens and a mask), as text classifiers are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) * mask[..., None]
+        return self.out(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "expected"])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_models_of_several_inputs_take_a_tuple_or_a_dict_of_inputs(fisher: str, vectorize: bool) -> None:
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    ids, mask = torch.randint(0, 20, (6, 5)), (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    y = torch.randint(0, 3, (6,))
+    opts = {"samples": 6, "fisher": fisher, "vectorize": vectorize, "progress": False}
+    as_tuple = peftkit.fisher_information(model, [((ids, mask), y)], **opts)
+    as_dict = peftkit.fisher_information(model, [({"ids": ids, "mask": mask}, y)], **opts)
+
+    def explicit(m: nn.Module, batch: tuple) -> torch.Tensor:
+        (i, k), labels = batch
+        return torch.nn.functional.cross_entropy(m(i, k), labels)
+
+    if fisher == "empirical":  # the default loss equals the loss written out
+        reference = peftkit.fisher_information(model, [((ids, mask), y)], explicit, **opts)
+        for n in reference:
+            torch.testing.assert_close(as_tuple[n], reference[n])
+    for n in as_tuple:
+        torch.testing.assert_close(as_tuple[n], as_dict[n])
+        assert as_tuple[n].abs().sum() > 0
+
+
 def test_expected_fisher_is_seeded_and_differs_from_empirical() -> None:
     tiny = TINY_MODELS[0]
     model, data = tiny.fresh(), _data(tiny)

@@ -429,14 +429,18 @@ def dora_row(smoke: bool) -> dict[str, Any]:
 
 
 def methods_row(smoke: bool) -> dict[str, Any]:
-    """Every built-in method on a real-data transfer task (benchmarks/methods.py, which also writes
-    METHODS.md when run on its own): accuracy and trainable share per method."""
+    """Every built-in method on real-data transfer tasks (benchmarks/methods.py, which also writes
+    METHODS.md when run on its own): accuracy and trainable share per method and task."""
     sys.path.insert(0, str(HERE))
     import methods  # benchmarks/methods.py
 
-    res = methods.run(shots=10, seeds=1 if smoke else 3, smoke=smoke)
-    return {name: f"{100 * r['accuracy']:.1f}% ± {100 * r['spread']:.1f} ({100 * r['share']:.2f}% trainable)"
-            for name, r in sorted(res["methods"].items(), key=lambda kv: -kv[1]["accuracy"])}
+    out = {}
+    for name, make in methods.TASKS.items():
+        res = methods.run(make(smoke), shots=10, seeds=1 if smoke else 3, smoke=smoke)
+        out |= {f"{name}: {method}": f"{100 * r['accuracy']:.1f}% ± {100 * r['spread']:.1f} "
+                                     f"({100 * r['share']:.2f}% trainable)"
+                for method, r in sorted(res["methods"].items(), key=lambda kv: -kv[1]["accuracy"])}
+    return out
 
 
 def compile_row(smoke: bool) -> dict[str, Any]:

@@ -12,7 +12,13 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .method import Adapter
 
-__all__ = ["MultiHead", "fresh_layer", "multitask_loss", "pinball_loss"]
+__all__ = ["HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
+           "pinball_loss"]
+
+# A head: its number of outputs (a fresh copy of the output layer), or the widths of a small MLP on the
+# output layer's input, hidden layers first (``[256, 2]``: project to 256, ReLU, then 2 outputs).
+HeadSpec = int | Sequence[int]
+MAX_HEAD_LAYERS = 8
 
 
 def fresh_layer(layer: nn.Module, outputs: int) -> nn.Module:
@@ -32,28 +38,76 @@ def fresh_layer(layer: nn.Module, outputs: int) -> nn.Module:
                       "replace the layer yourself and use train=[...]")
 
 
+def head_widths(spec: Any, name: str = "head") -> list[int]:
+    """A head's layer widths (its number of outputs last), or a :class:`ConfigError` naming ``name``."""
+    def count(n: Any) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if count(spec):
+        return [spec]
+    if (isinstance(spec, Sequence) and not isinstance(spec, str) and 1 <= len(spec) <= MAX_HEAD_LAYERS
+            and all(count(n) for n in spec)):
+        return list(spec)
+    raise ConfigError(f"{name}={spec!r} is invalid; expected the number of outputs (e.g. 2), or the widths of an MLP "
+                      f"head, hidden layers first, at most {MAX_HEAD_LAYERS} (e.g. [256, 2])")
+
+
+def normal_head(spec: Any, name: str = "head") -> int | list[int]:
+    """``spec`` as files store it: a count, or a list of widths (a tuple becomes a list)."""
+    widths = head_widths(spec, name)
+    return widths[0] if len(widths) == 1 and not isinstance(spec, Sequence) else widths
+
+
+def fresh_head(layer: nn.Module, spec: HeadSpec, name: str = "head") -> nn.Module:
+    """A new head in place of the output layer ``layer``: a fresh copy of it with ``spec`` outputs, or an
+    MLP (``spec`` a list of widths) whose first layer is a fresh copy of ``layer`` and whose later layers
+    are Linear (1x1 convolutions after a convolution), with a ReLU between layers."""
+    widths = head_widths(spec, name)
+    first = fresh_layer(layer, widths[0])
+    if len(widths) == 1:
+        return first
+    w = first.weight
+    assert isinstance(w, torch.Tensor), type(w).__name__  # fresh_layer makes Linear or Conv layers
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(first))
+    after: Callable[..., nn.Module] = nn.Linear if dims is None else {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    layers = [first]
+    for a, b in zip(widths, widths[1:], strict=False):
+        layers += [nn.ReLU(), after(a, b, *(() if dims is None else (1,)), device=w.device, dtype=w.dtype)]
+    return nn.Sequential(*layers)
+
+
+def head_parameters(layer: nn.Module, spec: HeadSpec) -> int:
+    """How many parameters :func:`fresh_head` would give ``layer``'s replacement (nothing is built)."""
+    widths = head_widths(spec)
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor), type(weight).__name__  # the output layer is a projection
+    first = weight[0].numel() * widths[0] + (widths[0] if getattr(layer, "bias", None) is not None else 0)
+    return first + sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+
+
 class MultiHead(Adapter):
     """Named heads on the output layer's input: the model returns ``{name: head(features)}``."""
 
-    def __init__(self, layer: nn.Module, heads: Mapping[str, int]) -> None:
+    def __init__(self, layer: nn.Module, heads: Mapping[str, HeadSpec]) -> None:
         super().__init__()
         if not heads or not isinstance(heads, Mapping):
             raise ConfigError(f"heads={heads!r} is invalid; expected a dict of name -> outputs, e.g. {{'count': 5}}")
-        self.heads = nn.ModuleDict({name: fresh_layer(layer, n) for name, n in heads.items()})
+        self.specs = {name: head_widths(spec, f"heads[{name!r}]") for name, spec in heads.items()}
+        self.heads = nn.ModuleDict({name: fresh_head(layer, spec, f"heads[{name!r}]") for name, spec in heads.items()})
 
-    def outputs(self) -> dict[str, int]:
-        """Each head's number of outputs, by name."""
-        return {name: _outputs(h) for name, h in self.heads.items()}
+    def outputs(self) -> dict[str, int | list[int]]:
+        """Each head's spec, by name: its number of outputs, or an MLP head's widths."""
+        return {name: w[0] if len(w) == 1 else list(w) for name, w in self.specs.items()}
+
+    def head(self, name: str) -> nn.Module:
+        """The head called ``name`` (a :class:`ConfigError` listing the heads when there is none)."""
+        if name not in self.heads:
+            raise ConfigError(f"no head named {name!r}; the heads are {', '.join(map(repr, self.heads))}")
+        return self.heads[name]
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
         return {name: head(x) for name, head in self.heads.items()}
-
-
-def _outputs(layer: nn.Module) -> int:
-    weight = layer.weight
-    assert isinstance(weight, torch.Tensor), f"a head's weight is a {type(weight).__name__}"  # fresh_layer made it
-    return int(weight.shape[0])
 
 
 def pinball_loss(pred: torch.Tensor, target: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .build import AdapterSet, Prepared, build
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
 from .files import read_adapter, read_swap
+from .heads import HeadSpec
 from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
@@ -248,7 +249,7 @@ class AdaptedModel(nn.Module):
         return list(self._records)
 
     def add_adapter(self, name: str, method: str | Method[Any], *, targets: Selection = None, exclude: Selection = None,
-                    train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
+                    train: Selection = None, head: int | None = None, heads: dict[str, HeadSpec] | None = None,
                     example_input: Any = None, **options: Any) -> None:
         """Add a new adapter (inactive until :meth:`set_adapter`).
 
@@ -259,8 +260,9 @@ class AdaptedModel(nn.Module):
             exclude: Modules (and everything under them) never to adapt.
             train: Modules to train fully and save whole in the adapter file.
             head: Replace the output layer by a fresh one with this many outputs (trained, saved).
-            heads: Several named fresh heads on the output layer's input: ``{"count": 5, "size": 3}``;
-                the model then returns a dict of their outputs.
+            heads: Several named fresh heads on the output layer's input: ``{"count": 5, "size": 3}``
+                (a list of widths makes an MLP head, e.g. a domain discriminator ``[256, 1]``); the
+                model then returns a dict of their outputs.
             example_input: An input to trace one forward pass with, to find the output layer.
             **options: The method's own options, e.g. ``r=8`` for LoRA.
         """
@@ -861,7 +863,7 @@ def _finite_after(base: torch.Tensor, d: Delta) -> bool:
 
 def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selection = None,
          exclude: Selection = None, train: Selection = None, head: int | None = None,
-         heads: dict[str, int] | None = None, example_input: Any = None, **options: Any) -> AdaptedModel:
+         heads: dict[str, HeadSpec] | None = None, example_input: Any = None, **options: Any) -> AdaptedModel:
     """Wrap ``model`` with a new adapter of ``method``; the backbone is frozen.
 
     Args:
@@ -873,8 +875,9 @@ def wrap(model: nn.Module, method: str, *, name: str = "default", targets: Selec
         exclude: Modules never to adapt (with everything under them).
         train: Modules trained fully and saved whole in the adapter file.
         head: Replace the output layer by a fresh one with this many outputs, trained and saved.
-        heads: Several named fresh heads on the shared trunk, ``{"count": 5, "size": 3}``; the model
-            then returns ``{name: output}``.
+        heads: Several named fresh heads on the shared trunk, ``{"count": 5, "size": 3}``, each a
+            count or the widths of a small MLP, hidden layers first (``{"label": 10, "domain":
+            [256, 1]}``: Linear to 256, ReLU, Linear to 1); the model then returns ``{name: output}``.
         example_input: An input (tensor or tuple) to trace one forward pass with when the output
             layer cannot be told from the module order.
         **options: The method's own options (e.g. ``r=8, alpha=16`` for LoRA).

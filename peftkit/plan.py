@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PeftkitError, PluginError, TargetError
+from .heads import HeadSpec, head_parameters, head_widths, normal_head
 from .method import Method, Plan, PlanContext
 from .plugins import MethodInfo, get_method
 from .targets import Selection, is_under, output_layers, select_modules, select_parameters
@@ -44,7 +45,7 @@ class AdapterPlan:
     targets: dict[str, dict[str, Any]]
     train: list[str] = field(default_factory=list)
     fresh: dict[str, int] = field(default_factory=dict)
-    heads: tuple[str, dict[str, int]] | None = None
+    heads: tuple[str, dict[str, HeadSpec]] | None = None
     values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -68,9 +69,14 @@ def _check_head_counts(head: Any, heads: Any) -> None:
         raise ConfigError("pass either head=N (one new output layer) or heads={name: N, ...} (several), not both")
     if heads is not None and not isinstance(heads, dict):
         raise ConfigError(f"heads={heads!r} is invalid; expected a dict of name -> outputs, e.g. {{'count': 5}}")
-    for n in ([head] if head is not None else []) + list((heads or {}).values()):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"head={n!r} is invalid; expected the number of outputs, e.g. head=2")
+    if head is not None and not (isinstance(head, int) and not isinstance(head, bool) and head >= 1):
+        # a fresh output layer takes the old one's place tensor for tensor: an MLP needs heads={name: widths}
+        raise ConfigError(f"head={head!r} is invalid; expected the number of outputs, e.g. head=2 (for an MLP head, "
+                          "pass heads={'out': [256, 2]}: the model then returns {'out': ...})")
+    for name, spec in (heads or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"heads has the name {name!r}; name each head with a non-empty string, e.g. 'count'")
+        head_widths(spec, f"heads[{name!r}]")
 
 
 def _outermost(model: nn.Module, paths: list[str]) -> list[str]:
@@ -81,7 +87,7 @@ def _outermost(model: nn.Module, paths: list[str]) -> list[str]:
 
 
 def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection = None, exclude: Selection = None,
-              train: Selection = None, head: int | None = None, heads: dict[str, int] | None = None,
+              train: Selection = None, head: int | None = None, heads: dict[str, HeadSpec] | None = None,
               example_input: Any = None, **options: Any) -> AdapterPlan:
     """Plan an adapter of ``method`` for ``model`` from ``wrap``'s arguments, without touching ``model``.
 
@@ -104,11 +110,8 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
     avoid = train_paths + ([output] if replaced and output else [])
     fresh = {output: head} if head is not None and output is not None else {}
     trained = sum(p.numel() for t in train_paths if t not in fresh for p in model.get_submodule(t).parameters())
-    for n in ([head] if head is not None else []) + list((heads or {}).values()):
-        layer = model.get_submodule(output or "")  # a fresh layer of n outputs: n rows of weight, n biases
-        weight = layer.weight
-        assert isinstance(weight, torch.Tensor), type(weight).__name__  # the output layer is a projection
-        trained += weight[0].numel() * n + (n if getattr(layer, "bias", None) is not None else 0)
+    for spec in ([head] if head is not None else []) + list((heads or {}).values()):
+        trained += head_parameters(model.get_submodule(output or ""), spec)
     parameters, targets = _parameters(model, m, targets, exclude, avoid)
     paths = _targets(model, m, targets, exclude, avoid) if targets or not parameters else []
     context = PlanContext(model=model, targets=paths, explicit=targets is not None, train=list(avoid),
@@ -118,7 +121,8 @@ def make_plan(model: nn.Module, method: str | Method[Any], *, targets: Selection
     # what the method adds by itself steps around trained modules; an explicit overlap is an error (build)
     planned = {p: dict(spec) for p, spec in decided.targets.items() if p in chosen or not is_under(p, avoid)}
     return AdapterPlan(m, info, planned, _outermost(model, train_paths + list(decided.train)), fresh,
-                       (output, dict(heads)) if heads is not None and output is not None else None,
+                       (output, {k: normal_head(v) for k, v in heads.items()}) if heads is not None and output is not None
+                       else None,
                        {p: dict(v) for p, v in decided.values.items() if p in planned})
 
 

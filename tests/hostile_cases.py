@@ -184,6 +184,9 @@ CASES = [
     Case("declared sizes", "rank_pattern of 10**9", lambda d, b: edit(b["lora"], d / "rp.safetensors", config={"rank_pattern": {"conv1": 10**9}})),
     Case("declared sizes", "bottleneck=10**9", lambda d, b: edit(b["serial"], d / "bn.safetensors", config={"bottleneck": 10**9})),
     Case("declared sizes", "head of 10**9 outputs", lambda d, b: edit(b["head"], d / "head.safetensors", targets=_spec("fc", outputs=10**9))),
+    Case("declared sizes", "an MLP head 10**9 wide", lambda d, b: edit(b["head"], d / "mlp.safetensors", targets=_spec("fc", outputs=[10**9, 3]))),
+    Case("declared sizes", "an MLP head of 10,000 layers", lambda d, b: edit(b["head"], d / "deep.safetensors", targets=_spec("fc", outputs=[4] * 10000))),
+    Case("declared sizes", "an MLP head of widths [true, 3]", lambda d, b: edit(b["head"], d / "bool.safetensors", targets=_spec("fc", outputs=[True, 3]))),
     Case("declared sizes", "FISH counts and lengths of 10**10", lambda d, b: edit(
         b["fish"], d / "fish10.safetensors", targets=_spec("conv1", counts={"weight": 10**10}, lengths={"weight": 10**10}))),
     Case("declared sizes", "a zero-byte tensor of shape [0, 10**12]", lambda d, b: edit(

@@ -132,6 +132,55 @@ def test_multitask_heads_return_a_dict_and_round_trip(tmp_path: Path) -> None:
         m.unwrap(merge=True)
 
 
+def test_mlp_heads_are_built_counted_saved_and_loaded(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "lora", r=2, heads={"label": 5, "domain": (16, 8, 1)})
+    domain = m.get_adapter().modules.heads.head("domain")
+    assert [type(layer) for layer in domain] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert [layer.out_features for layer in domain if isinstance(layer, nn.Linear)] == [16, 8, 1]
+    out = m(x)
+    assert out["label"].shape == (4, 5) and out["domain"].shape == (4, 1)
+    # trainable_parameters counts what the plan promised: LoRA, a Linear(8, 5) and 8*16+16 + 16*8+8 + 8*1+1
+    lora = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "lora_" in n)
+    assert m.trainable_parameters() == lora + 45 + 144 + 136 + 9
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    m.eval()
+    with torch.no_grad():
+        expected = m(x)
+    path = peftkit.save(m, tmp_path / "mlp.safetensors")
+    assert peftkit.read_header(path).targets["fc"]["spec"]["heads"] == {"label": 5, "domain": [16, 8, 1]}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loaded = peftkit.load(TinyCNN(), path).eval()(x)
+    for k in expected:
+        torch.testing.assert_close(loaded[k], expected[k], rtol=0, atol=0)
+
+
+def test_an_mlp_head_on_a_convolutional_output_layer_uses_1x1_convolutions() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))  # per-pixel classes
+    m = peftkit.wrap(model, "last_layer", heads={"out": [5, 3]})
+    head = m.get_adapter().modules.heads.head("out")
+    assert [type(layer) for layer in head] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    assert head[2].kernel_size == (1, 1) and m(torch.randn(2, 3, 6, 6))["out"].shape == (2, 3, 6, 6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "10", [], [4, 0], [4, True], [1] * 9, {"a": 1}])
+def test_bad_head_specs_are_named_and_change_nothing(bad: object) -> None:
+    model = TinyCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="head=.*expected the number of outputs"):
+        peftkit.wrap(model, "lora", r=2, head=bad)
+    with pytest.raises(ConfigError, match="heads\\['d'\\]"):
+        peftkit.wrap(model, "lora", r=2, heads={"label": 2, "d": bad})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model._forward_hooks
+
+
 def test_pinball_loss_hand_value() -> None:
     pred = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     target = torch.tensor([2.0, 1.0])

@@ -31,5 +31,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert set(results["rows"]) >= {"MiniLM q,v", "resnet18 all convs", "vit_b_16 attention+MLP"}
     assert results["compile"]["torch.compile same outputs"] is True
     assert results["scale"]["tiny peftkit wrap s"] > 0
+    methods = {f"{task}: {m}" for task in ("docstrings", "digits")
+               for m in ("scratch", "full fine-tune", "last_layer", "lora", "lora dora", "lora pissa", "fish")}
+    assert set(results["methods"]) >= methods
     assert "| MiniLM q,v |" in (tmp_path / "RESULTS.md").read_text()
     assert _harness().memory("MiniLM q,v", "peftkit", smoke=True) > 0  # the memory probe, once, in-process

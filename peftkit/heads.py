@@ -68,11 +68,13 @@ def fresh_head(layer: nn.Module, spec: HeadSpec, name: str = "head") -> nn.Modul
         return first
     w = first.weight
     assert isinstance(w, torch.Tensor), type(w).__name__  # fresh_layer makes Linear or Conv layers
-    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}.get(type(first))
-    after: Callable[..., nn.Module] = nn.Linear if dims is None else {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    convs: dict[type[nn.Module], Callable[..., nn.Module]] = {nn.Conv1d: nn.Conv1d, nn.Conv2d: nn.Conv2d,
+                                                               nn.Conv3d: nn.Conv3d}
+    conv = convs.get(type(first))
     layers = [first]
-    for a, b in zip(widths, widths[1:], strict=False):
-        layers += [nn.ReLU(), after(a, b, *(() if dims is None else (1,)), device=w.device, dtype=w.dtype)]
+    for a, b in zip(widths, widths[1:], strict=False):  # after a convolution, 1x1 ones: features stay per position
+        layers += [nn.ReLU(), nn.Linear(a, b, device=w.device, dtype=w.dtype) if conv is None
+                   else conv(a, b, 1, device=w.device, dtype=w.dtype)]
     return nn.Sequential(*layers)
 
 

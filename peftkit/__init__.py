@@ -14,6 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from . import distributed, errors
+from .domain import (
+    DomainAdaptation,
+    GradientReversal,
+    augment_features,
+    coral_loss,
+    dann_coefficient,
+    grad_reverse,
+    mmd_loss,
+)
 from .fisher import fisher_information, fisher_mask
 from .formats import Format, export, import_adapter
 from .heads import multitask_loss, pinball_loss
@@ -48,6 +57,8 @@ __all__ = [
     "AdaptedModel",
     "Adapter",
     "AdapterHeader",
+    "DomainAdaptation",
+    "GradientReversal",
     "Format",
     "HeldAdapter",
     "Method",
@@ -55,6 +66,9 @@ __all__ = [
     "Plan",
     "PlanContext",
     "anchored_loss",
+    "augment_features",
+    "coral_loss",
+    "dann_coefficient",
     "distributed",
     "errors",
     "export",
@@ -62,11 +76,13 @@ __all__ = [
     "find_output_layer",
     "fisher_information",
     "fisher_mask",
+    "grad_reverse",
     "hookimpl",
     "import_adapter",
     "import_peft",
     "load",
     "methods",
+    "mmd_loss",
     "multitask_loss",
     "param_groups",
     "pinball_loss",

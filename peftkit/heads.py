@@ -12,7 +12,7 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .method import Adapter
 
-__all__ = ["HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
+__all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
            "pinball_loss"]
 
 # A head: its number of outputs (a fresh copy of the output layer), or the widths of a small MLP on the

@@ -40,7 +40,7 @@ from .heads import HeadSpec
 from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
-from .targets import Selection, is_under, tied_aliases
+from .targets import Selection, is_under, output_layers, tied_aliases
 from .transaction import Journal, deferred_interrupts, finish
 
 __all__ = ["AdaptedModel", "HeldAdapter", "attach", "check_name", "ensure_unwrapped", "wrap"]
@@ -188,6 +188,75 @@ class AdaptedModel(nn.Module):
                     "probably read their weights directly; target the parents instead.",
                     RuntimeWarning, stacklevel=2)
         return out
+
+    def forward_with_features(self, *args: Any, layer: str | None = None, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        """Run the model once; return its output and the features that enter its output layer.
+
+        The features are what domain-adaptation losses (:func:`peftkit.coral_loss`,
+        :func:`peftkit.mmd_loss`) and discriminators work on; they keep their graph, so a loss on
+        them trains the adapters. Call it with the model's own arguments.
+
+        Args:
+            *args: The model's positional arguments.
+            layer: Take the *output* of this module instead (a path in the backbone, e.g.
+                ``"layer4"``, or ``"encoder.layer.5"``). Default: the *input* of the output layer
+                (the one ``head=``/``heads=`` replaced, else the one peftkit finds).
+            **kwargs: The model's keyword arguments.
+
+        Raises:
+            TargetError: no output layer can be told (pass ``layer=``), or no module ``layer``.
+            ConfigError: the layer did not run exactly once in this call (its features would be
+                ambiguous or absent).
+        """
+        with self._lock:
+            path, take_input = (layer, False) if layer is not None else (self._output_layer(), True)
+            try:
+                module = self.base_model.get_submodule(path)
+            except AttributeError:
+                raise TargetError(f"layer={path!r} names no module of this model; e.g. "
+                                  f"{', '.join(p for p, _ in list(self.base_model.named_modules())[1:4])}") from None
+            seen: list[torch.Tensor] = []
+
+            def keep(found: Any) -> None:
+                if isinstance(found, tuple) and found:  # an RNN's (output, state), a pre-hook's args
+                    found = found[0]
+                if not isinstance(found, torch.Tensor):
+                    raise ConfigError(f"{path!r} {'takes' if take_input else 'returns'} a {type(found).__name__}, "
+                                      "not a tensor; pass layer= a module that returns one")
+                seen.append(found)
+
+            handle = (module.register_forward_pre_hook(lambda _m, a: keep(a)) if take_input
+                      else module.register_forward_hook(lambda _m, _a, out: keep(out)))
+            try:
+                out = self._forward(*args, **kwargs)
+            finally:
+                handle.remove()
+        if len(seen) != 1:
+            raise ConfigError(f"{path!r} ran {len(seen)} times in this call, so its features are "
+                              f"{'absent' if not seen else 'ambiguous'}; pass layer= a module that runs once")
+        return out, seen[0]
+
+    def _output_layer(self) -> str:
+        """The output layer's path: where the active adapter's heads or fresh head are, else the one found."""
+        for name in self._state.active:
+            plan = self._records[name].plan
+            if plan.heads is not None:
+                return plan.heads[0]
+            if plan.fresh:
+                return next(iter(plan.fresh))
+        return output_layers(self.base_model).require(self.base_model, "forward_with_features (or pass layer=)")
+
+    def head(self, name: str, adapter: str | None = None) -> nn.Module:
+        """The head called ``name`` of an adapter wrapped with ``heads=`` (e.g. a domain discriminator,
+        to call on features of your own).
+
+        Raises:
+            ConfigError: the adapter has no heads, or none called ``name``.
+        """
+        heads = self.get_adapter(adapter).modules.heads
+        if heads is None:
+            raise ConfigError(f"adapter {self.get_adapter(adapter).name!r} has no heads; wrap with heads={{...}}")
+        return heads.head(name)
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedModel:
         # .to(), .half(), .cuda(), ...: the folded weights were computed from the old tensors

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"build"},  # plan -> modules
     {"files"},  # file <-> plan
     {"model"},  # AdaptedModel: attach, run, merge
-    {"formats", "recipes", "distributed"},  # other file formats; training recipes; FSDP2
+    {"formats", "recipes", "distributed", "domain"},  # other file formats; training recipes; FSDP2; domain adaptation
     {"io"},  # save, load, hotswap
     {"__init__"},  # the public API
     {"demo", "testing", "hf", "classify", "lightning"},  # users of the public API: demo, kit, trainers, `peftkit train`

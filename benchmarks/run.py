@@ -443,6 +443,21 @@ def methods_row(smoke: bool) -> dict[str, Any]:
     return out
 
 
+def domain_row(smoke: bool) -> dict[str, Any]:
+    """Domain adaptation without target labels on two shifts (benchmarks/domain.py, which also writes
+    DOMAIN.md when run on its own): target accuracy per variant, and the share of the gap recovered."""
+    import tempfile
+
+    sys.path.insert(0, str(HERE))
+    import domain  # benchmarks/domain.py
+
+    with tempfile.TemporaryDirectory() as cache:
+        res = domain.run(list(domain.SHIFTS), seeds=1 if smoke else 3, smoke=smoke, cache=Path(cache))
+    return {f"{shift}: {method}: {variant}": f"{100 * r['mean']:.1f}% ± {100 * r['spread']:.1f}"
+                                              + (f" (recovered {100 * r['recovered']:.0f}%)" if variant in domain.WEIGHTS else "")
+            for shift, s in res.items() for method, rows in s["methods"].items() for variant, r in rows.items()}
+
+
 def compile_row(smoke: bool) -> dict[str, Any]:
     import torch
 
@@ -510,7 +525,7 @@ def report(results: dict[str, Any]) -> str:
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for note in results.get("notes", []):  # e.g. a row measured again, and why
         lines += ["", f"Note: {note}"]
-    for section in ("io", "scale", "fish", "dora", "methods", "compile"):
+    for section in ("io", "scale", "fish", "dora", "methods", "domain", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                                                   for k, v in results[section].items()]
@@ -537,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.section:
         print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                          "compile": compile_row}[a.section](a.smoke)))
+                          "domain": domain_row, "compile": compile_row}[a.section](a.smoke)))
         return 0
     smoke = ["--smoke"] if a.smoke else []
     procs, reps = (1, 1) if a.smoke else (a.processes, a.reps)
@@ -547,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": {}}
     chosen = a.rows.split(",") if a.rows else list(rows(a.smoke))
     sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                "compile": compile_row}
+                "domain": domain_row, "compile": compile_row}
     for row in chosen:
         # the smoke run (the test suite's) stays in this process: it proves the code runs, times nothing
         runs = ([worker(row, reps, True)] if a.smoke else

@@ -9,6 +9,9 @@
 4. One table (trainable parameters, file size, accuracy, time) and a plot.
 5. Every adapter file is loaded, one after another, onto one frozen backbone: same accuracies.
 6. Multi-task: one trunk, two heads (points: classification; size: quantiles, pinball loss), LoRA.
+7. No labels in the target domain: LoRA and last-layer training adapt from labelled source images
+   and unlabelled target images (DANN, CORAL), against the source-only backbone and the labelled
+   target; a picture of the features before and after.
 """
 
 from __future__ import annotations
@@ -258,6 +261,118 @@ def _multitask(weights: Path, task: Task, steps: int, seed: int, folder: Path) -
     print(f"   both heads and the LoRA deltas: {file} ({file.stat().st_size / 1024:.1f} kB)")
 
 
+# Unsupervised adaptation (step 7): method -> (options, learning rate); each variant's loss weight
+ADAPT: dict[str, tuple[dict[str, Any], float]] = {"lora": ({"r": 4, "alpha": 8}, 3e-3),
+                                                  "last_layer unfreeze=1": ({"unfreeze": 1}, 3e-3)}
+ADAPT_WEIGHTS = {"dann": 1.0, "coral": 10.0}
+
+
+def adapt_unlabelled(weights: Path, method: str, variant: str, source: tuple[torch.Tensor, torch.Tensor],
+                     target: tuple[torch.Tensor, torch.Tensor], steps: int, seed: int) -> peftkit.AdaptedModel:
+    """An adapter and a fresh label head trained from labelled source rows and target rows: with
+    ``variant`` ``"dann"``/``"coral"`` the target's labels are never read; ``"target labels"`` trains
+    on the target's labels instead (the reference)."""
+    options, lr = ADAPT[method]
+    heads: dict[str, Any] = {"label": N_CLASSES, **({"domain": [64, 1]} if variant == "dann" else {})}
+    torch.manual_seed(seed)
+    m = peftkit.wrap(fresh_backbone(weights), method.split()[0], heads=heads, **options)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    da = (peftkit.DomainAdaptation(m, variant, weight=ADAPT_WEIGHTS[variant], total_steps=steps)
+          if variant in ADAPT_WEIGHTS else None)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc=f"  {method + ', ' + variant:<16}", unit="steps", disable=None)
+    m.train()
+    for _ in range(steps):
+        i, j = (torch.randint(0, len(source[0]), (32,), generator=g), torch.randint(0, len(target[0]), (32,), generator=g))
+        if da is not None:
+            loss, logs = da.loss(source[0][i], source[1][i], target[0][j])  # target labels unread
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
+        else:
+            loss = F.cross_entropy(m(target[0][j])["label"], target[1][j])
+        opt.zero_grad()
+        torch.autograd.backward(loss)
+        opt.step()
+        sched.step()
+        bar.update(1)
+    bar.close()
+    return m.eval()
+
+
+@torch.no_grad()
+def _label_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return (torch.cat([model(b)["label"].argmax(1) for b in torch.split(x, 500)]) == y).float().mean().item()
+
+
+def _feature_plot(before: nn.Module, after: peftkit.AdaptedModel, source: torch.Tensor, target: torch.Tensor,
+                  title: str, path: Path) -> bool:
+    """Source and target features entering the output layer, before and after adapting, on their first
+    two principal components (fitted to each model's features of both domains)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, peftkit.AdaptedModel):
+            return model.forward_with_features(x)[1]
+        seen: list[torch.Tensor] = []
+        handle = model.get_submodule("fc").register_forward_pre_hook(lambda _m, args: seen.append(args[0]))  # plain
+        model(x)
+        handle.remove()
+        return seen[0]
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    with torch.no_grad():
+        for ax, model, name in ((axes[0], before.eval(), "pretrained on the source"), (axes[1], after, title)):
+            feats = torch.cat([features(model, x) for x in (source, target)])
+            centred = feats - feats.mean(0)
+            _, _, v = torch.linalg.svd(centred, full_matrices=False)
+            xy = centred @ v[:2].T
+            n = len(source)
+            ax.scatter(xy[:n, 0], xy[:n, 1], s=4, alpha=0.5, label="source (grey stars)")
+            ax.scatter(xy[n:, 0], xy[n:, 1], s=4, alpha=0.5, label="target (coloured, no labels)")
+            ax.set_title(name, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0].legend(fontsize=8, markerscale=3)
+    fig.suptitle("Features entering the output layer (first two principal components)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _no_labels(weights: Path, task: Task, steps: int, seed: int, folder: Path) -> None:
+    source = draw_stars(len(task.x) * 4, target=False, seed=seed + 10)[:2]
+    before = accuracy(fresh_backbone(weights), task.test_x, task.test_y)
+    print(f"   source only (the pretrained backbone, never shown a target image): {before:.1%}")
+    header = f"   {'method':<24}" + "".join(f"{v:>15}" for v in ("dann", "coral", "target labels"))
+    print(header)
+    best: tuple[float, str, peftkit.AdaptedModel | None] = (-1.0, "", None)
+    for method in ADAPT:
+        accs = []
+        for variant in (*ADAPT_WEIGHTS, "target labels"):
+            m = adapt_unlabelled(weights, method, variant, source, (task.x, task.y), steps, seed)
+            accs.append(_label_accuracy(m, task.test_x, task.test_y))
+            if variant in ADAPT_WEIGHTS and accs[-1] > best[0]:
+                best = (accs[-1], f"{method} + {variant}", m)
+        recovered = [(a - before) / (accs[-1] - before) if accs[-1] != before else float("nan") for a in accs[:-1]]
+        print(f"   {method:<24}" + "".join(f"{a:>8.1%} ({r:>+4.0%})" for a, r in zip(accs, recovered, strict=False))
+              + f"{accs[-1]:>15.1%}")
+    print("   (in brackets: the share of the gap between source only and target labels recovered without labels)")
+    if best[2] is not None:
+        file = peftkit.save(best[2], folder / "adapters-unlabelled.safetensors")
+        plot = folder / "domain_features.png"
+        n = min(300, len(task.test_x))
+        drawn = _feature_plot(fresh_backbone(weights), best[2], source[0][:n], task.test_x[:n], best[1], plot)
+        print(f"   best without labels: {best[1]}, {best[0]:.1%}; its adapter file: {file}")
+        print(f"   features before and after: {plot}" if drawn else "   (install matplotlib for the picture)")
+
+
 def run(out: str = "peftkit-demo", methods: str | None = None, quick: bool = False, seed: int = 0) -> int:
     """Run the demo; returns the process exit code."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -320,5 +435,7 @@ def run(out: str = "peftkit-demo", methods: str | None = None, quick: bool = Fal
 
     print("6. Multi-task: one trunk, two heads (points: classes; size: 10/50/90% quantiles), LoRA")
     _multitask(weights, task, steps, seed, folder)
+    print("7. No labels in the target domain: labelled source images, unlabelled target images")
+    _no_labels(weights, task, 8 if quick else 80, seed, folder)
     print(f"Done in {time.perf_counter() - started:.0f} s. Everything is in {folder}/")
     return 0 if ok else 1

@@ -44,8 +44,12 @@ def test_inspect_bad_file_is_a_clean_error(tmp_path: Path, capsys: pytest.Captur
 def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--methods", "lora,fish,last_layer"]) == 0
     out = capsys.readouterr().out
-    for step in ("1. Data", "2. Pretrain", "3. Adapting", "4. Results", "5. Swapping", "6. Multi-task", "Done in"):
+    for step in ("1. Data", "2. Pretrain", "3. Adapting", "4. Results", "5. Swapping", "6. Multi-task",
+                 "7. No labels", "Done in"):
         assert step in out
+    assert "last_layer unfreeze=1" in out and (tmp_path / "domain_features.png").exists()
+    header = peftkit.read_header(tmp_path / "adapters-unlabelled.safetensors")
+    assert header.targets["fc"]["role"] == "heads"  # the label head (and a DANN discriminator) ship in the file
     assert out.count("(identical)") == 3 and "DIFFERENT" not in out
     assert {p.name for p in (tmp_path / "adapters").iterdir()} == {"lora.safetensors", "fish.safetensors",
                                                                   "last_layer.safetensors"}

@@ -34,5 +34,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     methods = {f"{task}: {m}" for task in ("docstrings", "digits")
                for m in ("scratch", "full fine-tune", "last_layer", "lora", "lora dora", "lora pissa", "fish")}
     assert set(results["methods"]) >= methods
+    assert {f"{shift}: lora: {v}" for shift in ("stars", "digits-M")
+            for v in ("source only", "dann", "coral", "mmd", "target labels")} <= set(results["domain"])
     assert "| MiniLM q,v |" in (tmp_path / "RESULTS.md").read_text()
     assert _harness().memory("MiniLM q,v", "peftkit", smoke=True) > 0  # the memory probe, once, in-process

@@ -277,13 +277,16 @@ class DomainAdaptation:
         self.label_head = label_head
 
     def _logits(self, out: Any) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):  # a transformers ModelOutput (a dict too)
+            out = out.logits
         if self.label_head is not None:
+            if not isinstance(out, Mapping) or self.label_head not in out:
+                raise ConfigError(f"the model's output holds no head {self.label_head!r} (got {type(out).__name__}); "
+                                  "pass label_head= one of the heads it returns")
             out = out[self.label_head]
         if not isinstance(out, torch.Tensor):
-            out = getattr(out, "logits", None)
-        if not isinstance(out, torch.Tensor):
-            raise ConfigError("the model's output holds no logits tensor for the task loss (a tensor, .logits, or a "
-                              "head's output); pass label_head=")
+            raise ConfigError(f"the model's output ({type(out).__name__}) holds no logits tensor for the task loss "
+                              "(a tensor, .logits, or a head's output); pass label_head=")
         return out
 
     def loss(self, source: Any, labels: torch.Tensor, target: Any) -> tuple[torch.Tensor, dict[str, float]]:

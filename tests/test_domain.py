@@ -337,3 +337,40 @@ def test_domain_adaptation_misuse_is_named() -> None:
         da.loss(xs, ys, (xt,))
     loss, _ = da.loss(xs, ys, xt)  # a plain output (no heads) is the logits
     assert math.isfinite(float(loss.detach()))
+
+
+def test_a_transformers_classifier_adapts_from_dict_batches_with_its_heads_in_the_model_output() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    m = peftkit.wrap(transformers.BertForSequenceClassification(cfg), "lora", r=2,
+                     heads={"label": 3, "domain": [16, 1]})
+    ids = torch.randint(0, 100, (4, 8))
+    source = {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    target = {"input_ids": ids.flip(1), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    out, feats = m.forward_with_features(**source)
+    assert set(out.logits) == {"label", "domain"} and feats.shape == (4, 32)  # the pooled output enters the heads
+    loss, logs = peftkit.DomainAdaptation(m, "dann").loss(source, torch.tensor([0, 1, 2, 0]), target)
+    loss.backward()
+    assert logs["domain_accuracy"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    assert all(p.grad is not None for n, p in m.named_parameters() if p.requires_grad and "lora_B" in n)
+    plain = peftkit.wrap(transformers.BertForSequenceClassification(cfg), "lora", r=2)
+    loss, _ = peftkit.DomainAdaptation(plain, "coral").loss(source, torch.tensor([0, 1, 2, 0]), target)  # .logits
+    assert math.isfinite(float(loss.detach()))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_timm_models_adapt_with_dann_through_lora(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = {"img_size": 32} if name.startswith("vit") else {}
+    net = timm.create_model(name, pretrained=False, num_classes=5, **kw)
+    before = snapshot(net)
+    m = peftkit.wrap(net, "lora", r=2, heads={"label": 5, "domain": [8, 1]})
+    x = torch.randn(4, 3, 32, 32)
+    loss, logs = peftkit.DomainAdaptation(m, "dann").loss(x, torch.tensor([0, 1, 2, 3]), x + 1)
+    loss.backward()
+    assert logs["coeff"] == 1.0 and any(p.grad is not None for p in m.head("domain").parameters())
+    m.unwrap()
+    assert_bitwise_equal(before, snapshot(net))

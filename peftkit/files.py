@@ -27,7 +27,7 @@ from . import container, sharding
 from .attach import TensorStamp, stamps_match
 from .build import AdapterSet, Prepared, build
 from .errors import AdapterFileError, BackboneMismatchError, ConfigError, PeftkitError, UnknownMethodError, shown
-from .heads import MAX_HEAD_LAYERS
+from .heads import is_head_spec
 from .method import Method
 from .plan import AdapterPlan
 from .plugins import MethodInfo, get_method
@@ -217,17 +217,10 @@ def _check_target(path: Any, entry: Any, where: str) -> None:
     if entry["role"] == "head" and not (type(spec.get("outputs")) is int and spec["outputs"] >= 1):
         raise AdapterFileError(f"{where}: head {shown(path)} declares outputs {shown(spec.get('outputs'))}, not a count")
     if entry["role"] == "heads" and not (isinstance(spec.get("heads"), dict) and spec["heads"]
-                                         and all(isinstance(k, str) and k and _head_spec(v)
+                                         and all(isinstance(k, str) and k and is_head_spec(v)
                                                  for k, v in spec["heads"].items())):
         raise AdapterFileError(f"{where}: heads at {shown(path)} are malformed (expected name -> outputs or MLP widths)")
 
-
-def _head_spec(spec: Any) -> bool:
-    """A head's spec as JSON gives it: a count, or a short list of counts (exact ints, never bools)."""
-    def count(n: Any) -> bool:
-        return type(n) is int and n >= 1
-
-    return count(spec) or (type(spec) is list and 1 <= len(spec) <= MAX_HEAD_LAYERS and all(count(n) for n in spec))
 
 
 def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:

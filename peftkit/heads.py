@@ -12,7 +12,7 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .method import Adapter
 
-__all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
+__all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "is_head_spec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
            "pinball_loss"]
 
 # A head: its number of outputs (a fresh copy of the output layer), or the widths of a small MLP on the
@@ -50,6 +50,15 @@ def head_widths(spec: Any, name: str = "head") -> list[int]:
         return list(spec)
     raise ConfigError(f"{name}={spec!r} is invalid; expected the number of outputs (e.g. 2), or the widths of an MLP "
                       f"head, hidden layers first, at most {MAX_HEAD_LAYERS} (e.g. [256, 2])")
+
+
+def is_head_spec(spec: Any) -> bool:
+    """Whether ``spec`` is a valid head: what a file's heads table is checked with."""
+    try:
+        head_widths(spec)
+    except ConfigError:
+        return False
+    return True
 
 
 def normal_head(spec: Any, name: str = "head") -> int | list[int]:

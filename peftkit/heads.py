@@ -12,8 +12,8 @@ from torch import nn
 from .errors import ConfigError, TargetError
 from .method import Adapter
 
-__all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "is_head_spec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths", "normal_head", "multitask_loss",
-           "pinball_loss"]
+__all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths",
+           "is_head_spec", "multitask_loss", "normal_head", "pinball_loss"]
 
 # A head: its number of outputs (a fresh copy of the output layer), or the widths of a small MLP on the
 # output layer's input, hidden layers first (``[256, 2]``: project to 256, ReLU, then 2 outputs).
@@ -62,9 +62,9 @@ def is_head_spec(spec: Any) -> bool:
 
 
 def normal_head(spec: Any, name: str = "head") -> int | list[int]:
-    """``spec`` as files store it: a count, or a list of widths (a tuple becomes a list)."""
+    """``spec`` as files store it: a count (also for ``[n]``: one layer), or a list of widths."""
     widths = head_widths(spec, name)
-    return widths[0] if len(widths) == 1 and not isinstance(spec, Sequence) else widths
+    return widths[0] if len(widths) == 1 else widths
 
 
 def fresh_head(layer: nn.Module, spec: HeadSpec, name: str = "head") -> nn.Module:
@@ -108,7 +108,7 @@ class MultiHead(Adapter):
 
     def outputs(self) -> dict[str, int | list[int]]:
         """Each head's spec, by name: its number of outputs, or an MLP head's widths."""
-        return {name: w[0] if len(w) == 1 else list(w) for name, w in self.specs.items()}
+        return {name: normal_head(w) for name, w in self.specs.items()}
 
     def head(self, name: str) -> nn.Module:
         """The head called ``name`` (a :class:`ConfigError` listing the heads when there is none)."""

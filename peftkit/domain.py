@@ -85,6 +85,7 @@ class GradientReversal(nn.Module):
         self.steps += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` unchanged; its gradient times ``-coeff`` (the coefficient now)."""
         return grad_reverse(x, self.coeff)
 
     def extra_repr(self) -> str:

@@ -68,6 +68,9 @@ class GradientReversal(nn.Module):
     def __init__(self, coeff: float = 1.0, *, warmup_steps: int | None = None, gamma: float = 10.0) -> None:
         super().__init__()
         grad_reverse(torch.zeros(()), coeff)  # validates coeff
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma <= 0:
+            raise ConfigError(f"gamma={gamma!r} is invalid; expected a finite number > 0 (how fast the warm-up rises), "
+                              "e.g. 10.0")
         if warmup_steps is not None and (not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool)
                                          or warmup_steps < 1):
             raise ConfigError(f"warmup_steps={warmup_steps!r} is invalid; expected a step count >= 1, or None")
@@ -239,6 +242,12 @@ class DomainAdaptation:
         layer: Take features from this module's output instead (see ``forward_with_features``).
         task_loss: ``task_loss(logits, labels)``; default cross-entropy.
         kernels, linear: :func:`mmd_loss`'s options.
+        pool: A function turning the features into ``(batch, features)`` rows before CORAL or MMD
+            (or before the discriminator), for layers whose output has more dimensions: e.g.
+            ``lambda f: f.flatten(2).mean(2)`` for convolutional maps, ``lambda f: f.mean(1)`` for
+            ``(batch, sequence, hidden)``. Without it, such features are refused (which dimension to
+            average is the model's business). A discriminator head on a convolutional output layer
+            takes the maps as they are and judges every position.
     """
 
     METHODS = ("dann", "coral", "mmd")
@@ -246,7 +255,8 @@ class DomainAdaptation:
     def __init__(self, model: AdaptedModel, method: str = "dann", weight: float = 1.0, *,
                  label_head: str | None = None, domain_head: str = "domain", total_steps: int | None = None,
                  layer: str | None = None, task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 kernels: Sequence[float] = DEFAULT_KERNELS, linear: bool = False) -> None:
+                 kernels: Sequence[float] = DEFAULT_KERNELS, linear: bool = False,
+                 pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if not isinstance(model, AdaptedModel):
             raise ConfigError(f"DomainAdaptation takes a wrapped model (peftkit.wrap), got {type(model).__name__}")
         if method not in self.METHODS:
@@ -256,6 +266,9 @@ class DomainAdaptation:
         self.model, self.method, self.weight, self.layer = model, method, float(weight), layer
         self.task_loss = task_loss or F.cross_entropy
         self.kernels, self.linear = _kernel_multipliers(kernels), bool(linear)
+        if pool is not None and not callable(pool):
+            raise ConfigError(f"pool={pool!r} is invalid; expected a function of the features, e.g. lambda f: f.mean(1)")
+        self.pool = pool
         self.reversal = GradientReversal(1.0, warmup_steps=total_steps)
         heads = model.get_adapter().modules.heads
         names = list(heads.heads) if heads is not None else []
@@ -268,7 +281,9 @@ class DomainAdaptation:
             if heads.specs[domain_head][-1] not in (1, 2):
                 raise ConfigError(f"the discriminator head {domain_head!r} has {heads.specs[domain_head][-1]} outputs; "
                                   "give it 1 (a logit) or 2 (two classes), e.g. [256, 1]")
-        others = [n for n in names if n != self.domain_head]
+        others = [n for n in names if n != domain_head]  # a discriminator head is never the task's
+        if label_head is not None and label_head == self.domain_head:
+            raise ConfigError(f"label_head={label_head!r} is the discriminator; name the task's head, one of {others}")
         if label_head is None:
             if len(others) > 1:
                 raise ConfigError(f"the model has heads {others}; say which one the task loss takes with label_head=")
@@ -290,6 +305,39 @@ class DomainAdaptation:
                               "(a tensor, .logits, or a head's output); pass label_head=")
         return out
 
+    def _discriminate(self, features: torch.Tensor, n_s: int) -> tuple[torch.Tensor, float]:
+        """The discriminator's loss on reversed features (every position of per-position features
+        counts as a row of its domain), and its accuracy."""
+        assert self.domain_head is not None
+        head = self.model.head(self.domain_head)
+        first = next(m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+        conv = not isinstance(first, nn.Linear)
+        if conv:  # (batch, channels, *spatial), as many dims as the convolution's weight
+            width = features.shape[1] if features.dim() == first.weight.dim() else None
+            want = first.in_channels
+        else:
+            width = features.shape[-1] if features.dim() >= 2 else None
+            want = first.in_features
+        if width != want:
+            where = f"layer {self.layer!r}" if self.layer else "the output layer"
+            raise ConfigError(f"the discriminator {self.domain_head!r} takes {want} features per "
+                              f"{'position, as (batch, channels, ...)' if conv else 'row'}, and {where} gives features "
+                              f"of shape {tuple(features.shape)}; use the default features (no layer=), a layer of that "
+                              "width, or pool= to reshape them")
+        scores = head(self.reversal(features))
+        if conv:
+            scores = scores.movedim(1, -1)
+        scores = scores.reshape(len(features), -1, scores.shape[-1])  # (rows, positions, 1 or 2)
+        domain = torch.zeros(scores.shape[:2], dtype=torch.long, device=scores.device)
+        domain[n_s:] = 1
+        if scores.shape[-1] == 1:
+            loss = F.binary_cross_entropy_with_logits(scores.squeeze(-1), domain.to(scores.dtype))
+            guess = (scores.squeeze(-1) > 0).long()
+        else:
+            loss = F.cross_entropy(scores.reshape(-1, 2), domain.reshape(-1))
+            guess = scores.argmax(-1)
+        return loss, float((guess == domain).float().mean())
+
     def loss(self, source: Any, labels: torch.Tensor, target: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one adaptation step, from a labelled source batch and an unlabelled target batch.
 
@@ -302,8 +350,16 @@ class DomainAdaptation:
             The total loss (call ``backward`` on it) and floats for logging: ``task``,
             ``adaptation``, and for DANN ``coeff`` and ``domain_accuracy``.
         """
-        n_s = _rows(source)
-        both = _cat(source, target)
+        n_s, n_t = _rows(source), _rows(target)
+        if n_s < 1 or n_t < 1:
+            raise ConfigError(f"an adaptation step needs rows of both domains, got {n_s} source and {n_t} target rows")
+        if isinstance(labels, torch.Tensor) and labels.dim() > 0 and len(labels) != n_s:
+            raise ConfigError(f"labels has {len(labels)} rows for {n_s} source rows; give one label per source row")
+        try:
+            both = _cat(source, target)
+        except RuntimeError as exc:  # e.g. images of other sizes, texts padded to other lengths
+            raise ConfigError("source and target rows must match in every dimension but the batch (pad texts to one "
+                              f"length, resize images to one size): {str(exc).splitlines()[0]}") from None
         if isinstance(both, Mapping):
             out, features = self.model.forward_with_features(**both, layer=self.layer)
         elif isinstance(both, (list, tuple)):
@@ -312,26 +368,22 @@ class DomainAdaptation:
             out, features = self.model.forward_with_features(both, layer=self.layer)
         task = self.task_loss(self._logits(out)[:n_s], labels)
         logs: dict[str, float] = {"task": float(task.detach())}
-        if features.dim() > 2:  # a convolution's (batch, channels, ...) features: their spatial mean
-            features = features.flatten(2).mean(2)
-        fs, ft = features[:n_s], features[n_s:]
-        if self.method == "coral":
-            adaptation = coral_loss(fs, ft)
-        elif self.method == "mmd":
-            adaptation = mmd_loss(fs, ft, self.kernels, linear=self.linear)
-        else:
+        if self.pool is not None:
+            features = self.pool(features)
+        if self.method == "dann":
             assert self.domain_head is not None
             logs["coeff"] = self.reversal.coeff
-            scores = self.model.head(self.domain_head)(self.reversal(features))
-            domain = torch.zeros(len(features), dtype=torch.long, device=scores.device)
-            domain[n_s:] = 1
-            if scores.shape[-1] == 1:
-                adaptation = F.binary_cross_entropy_with_logits(scores.squeeze(-1), domain.to(scores.dtype))
-                guess = (scores.squeeze(-1) > 0).long()
-            else:
-                adaptation = F.cross_entropy(scores, domain)
-                guess = scores.argmax(-1)
-            logs["domain_accuracy"] = float((guess == domain).float().mean())
+            adaptation, logs["domain_accuracy"] = self._discriminate(features, n_s)
             self.reversal.step()
+        else:
+            if features.dim() != 2:
+                raise ConfigError(
+                    f"the features {'of ' + repr(self.layer) if self.layer else 'entering the output layer'} have shape "
+                    f"{tuple(features.shape)}; {self.method} compares (batch, features) rows: pass pool= a function "
+                    "that makes them so, e.g. pool=lambda f: f.flatten(2).mean(2) for (batch, channels, height, width) "
+                    "or pool=lambda f: f.mean(1) for (batch, sequence, hidden)")
+            fs, ft = features[:n_s], features[n_s:]
+            adaptation = coral_loss(fs, ft) if self.method == "coral" else mmd_loss(fs, ft, self.kernels,
+                                                                                   linear=self.linear)
         logs["adaptation"] = float(adaptation.detach())
         return task + self.weight * adaptation, logs

@@ -374,3 +374,85 @@ def test_timm_models_adapt_with_dann_through_lora(name: str) -> None:
     assert logs["coeff"] == 1.0 and any(p.grad is not None for p in m.head("domain").parameters())
     m.unwrap()
     assert_bitwise_equal(before, snapshot(net))
+
+
+class _Seq(nn.Module):
+    """Embedding -> LSTM -> Linear on the last step: a layer with (batch, sequence, hidden) outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.embed(ids))
+        return self.out(h[:, -1])
+
+
+def test_features_of_more_dimensions_need_a_pool_and_then_compare_rows() -> None:
+    torch.manual_seed(0)
+    model = _Seq()
+    m = peftkit.wrap(model, "lora", r=2)
+    ids_s, ids_t, y = torch.randint(0, 30, (4, 7)), torch.randint(0, 30, (4, 7)), torch.tensor([0, 1, 2, 0])
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"shape \(8, 7, 12\).*pool="):
+        peftkit.DomainAdaptation(m, "coral", layer="lstm").loss(ids_s, y, ids_t)
+    assert_bitwise_equal(before, snapshot(model))
+    seen = []
+
+    def pool(f: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(f.shape))
+        return f.mean(1)
+
+    loss, _ = peftkit.DomainAdaptation(m, "mmd", layer="lstm", pool=pool).loss(ids_s, y, ids_t)
+    assert seen == [(8, 7, 12)] and math.isfinite(float(loss.detach()))
+    with torch.no_grad():
+        _, h = m.forward_with_features(torch.cat([ids_s, ids_t]), layer="lstm")
+        torch.testing.assert_close(loss - F.cross_entropy(m(ids_s), y), peftkit.mmd_loss(h[:4].mean(1), h[4:].mean(1)))
+
+
+def test_a_discriminator_refuses_features_of_another_width_and_judges_every_position_of_maps() -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(torchvision.models.resnet18(num_classes=4), "lora", r=2, heads={"label": 4, "domain": [8, 1]})
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ConfigError, match=r"takes 512 features per row.*'layer3'.*\(4, 256, 2, 2\)"):
+        peftkit.DomainAdaptation(m, "dann", layer="layer3").loss(x, torch.tensor([0, 1]), x + 1)
+
+    class Seg(nn.Module):  # per-pixel classes: the output layer is a 1x1 convolution
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3, padding=1)
+            self.out = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.body(x)))
+
+    for domain in (1, [4, 2]):
+        seg = peftkit.wrap(Seg(), "lora", r=2, heads={"label": 3, "domain": domain})
+        da = peftkit.DomainAdaptation(seg, "dann")
+        loss, logs = da.loss(torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5)), torch.randn(3, 3, 5, 5))
+        loss.backward()
+        assert 0 <= logs["domain_accuracy"] <= 1
+        assert all(p.grad is not None for p in seg.head("domain").parameters())
+
+
+def test_a_discriminator_head_is_never_taken_for_the_task_and_bad_batches_are_named() -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(TinyCNN(), "lora", r=2, heads={"label": 4, "domain": [8, 1]})
+    xs, ys, xt = _shifted_batches(4)
+    for how in ("coral", "mmd"):  # the README's "or coral, mmd" on a model with a discriminator
+        assert peftkit.DomainAdaptation(m, how).label_head == "label"
+    with pytest.raises(ConfigError, match="is the discriminator"):
+        peftkit.DomainAdaptation(m, "dann", label_head="domain")
+    da = peftkit.DomainAdaptation(m, "dann")
+    with pytest.raises(ConfigError, match="rows of both domains"):
+        da.loss(xs, ys, xt[:0])
+    with pytest.raises(ConfigError, match="one label per source row"):
+        da.loss(xs, ys[:3], xt)
+    with pytest.raises(ConfigError, match="every dimension but the batch"):
+        da.loss(xs, ys, torch.randn(8, 3, 10, 10))
+    assert da.reversal.steps == 0  # refused steps do not advance the warm-up
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="gamma="):
+            peftkit.GradientReversal(warmup_steps=5, gamma=bad)

@@ -113,12 +113,12 @@ def digits_m(seed: int, smoke: bool, cache: Path) -> Shift:
     path = cache / f"digits-source-{'smoke' if smoke else 'full'}.pt"
     if not path.exists():
         torch.manual_seed(0)
-        model = SmallResNet(n_classes=10)
+        model = SmallResNet(n_classes=10, stem_stride=1)
         _train(model, lambda g: _source_batch(grey[src], y[src], g, 64), 2 if smoke else 400, 3e-3, seed=0)
         torch.save(model.state_dict(), path)
 
     def backbone() -> nn.Module:
-        model = SmallResNet(n_classes=10)
+        model = SmallResNet(n_classes=10, stem_stride=1)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
 

@@ -94,12 +94,12 @@ def digits_task(smoke: bool) -> Task:
     x, y = digits()
     source = y < 5
     torch.manual_seed(0)
-    source_model = SmallResNet(n_classes=5)
+    source_model = SmallResNet(n_classes=5, stem_stride=1)
     _fit(source_model, (x[source],), y[source], 3e-3, 2 if smoke else 400, batch=64, seed=0, augment=_shift)
     weights = source_model.state_dict()
 
     def pretrained() -> nn.Module:
-        model = SmallResNet(n_classes=5)
+        model = SmallResNet(n_classes=5, stem_stride=1)
         model.load_state_dict(weights)
         return model
 
@@ -107,7 +107,7 @@ def digits_task(smoke: bool) -> Task:
     return Task(
         name="digits", classes=5, inputs=(x[~source],), labels=y[~source] - 5, batch=64, augment=_shift,
         description=f"sklearn digits: a small ResNet pretrained on 0-4, adapted to 5-9, {SIZE} px",
-        pretrained=pretrained, scratch=lambda: SmallResNet(n_classes=5),
+        pretrained=pretrained, scratch=lambda: SmallResNet(n_classes=5, stem_stride=1),
         # the recommended settings for a small pretrained CNN and a few labelled images (also in the README)
         recipes={"last_layer": ({}, 3e-2, steps), "last_layer unfreeze=1": ({"unfreeze": 1}, 3e-3, steps),
                  "lora": ({"r": 4, "alpha": 8}, 3e-3, steps),

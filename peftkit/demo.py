@@ -76,11 +76,16 @@ def draw_stars(n: int, *, target: bool, seed: int) -> tuple[torch.Tensor, torch.
 
 
 class SmallResNet(nn.Module):
-    """A CPU-sized ResNet of torchvision BasicBlocks (16-32-64-128 channels)."""
+    """A CPU-sized ResNet of torchvision BasicBlocks (16-32-64-128 channels).
 
-    def __init__(self, n_classes: int = N_CLASSES, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    ``stem_stride=2`` (the demo's 32-pixel stars) halves the first feature maps, which makes a training
+    step about 2.7x cheaper on CPU; the benchmarks' 16-pixel digits keep full resolution with 1.
+    """
+
+    def __init__(self, n_classes: int = N_CLASSES, widths: tuple[int, ...] = (16, 32, 64, 128),
+                 stem_stride: int = 2) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, c = [], widths[0]
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2

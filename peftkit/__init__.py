@@ -31,6 +31,7 @@ from .io import AdapterHeader, load, read_header, save
 from .method import Adapter, Method, Plan, PlanContext
 from .model import AdaptedModel, HeldAdapter, wrap
 from .plugins import MethodInfo, method_infos
+from .quantization import QuantizationReport, quantize
 from .recipes import anchored_loss, param_groups
 from .targets import find_output_layer
 
@@ -65,6 +66,7 @@ __all__ = [
     "MethodInfo",
     "Plan",
     "PlanContext",
+    "QuantizationReport",
     "anchored_loss",
     "augment_features",
     "coral_loss",
@@ -86,6 +88,7 @@ __all__ = [
     "multitask_loss",
     "param_groups",
     "pinball_loss",
+    "quantize",
     "read_header",
     "save",
     "wrap",

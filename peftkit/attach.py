@@ -61,6 +61,8 @@ class AdapterEntry:
             shares a tensor with the target (tied weights); default: all the target's tensors, by
             their own names.
         persistent: Applies even while its adapter is merged (it has no weight-space form).
+        output_only: The target's weight is quantized: the adapter applies in output space only (a
+            quantized tensor cannot take ``W + delta``).
     """
 
     adapter_name: str
@@ -69,6 +71,7 @@ class AdapterEntry:
     prefix: str = ""
     mapping: dict[str, str] | None = None
     persistent: bool = False
+    output_only: bool = False
 
     def form(self, grad: bool) -> Form:
         """How this adapter applies now. Inference prefers the delta (no extra activations). Training
@@ -77,6 +80,8 @@ class AdapterEntry:
         low-rank path is cheaper than through a full weight). A target read directly by its host can
         only use the delta."""
         a = self.adapter
+        if self.output_only:
+            return Form.TRANSFORM
         if self.prefix or self.mapping is not None:  # the host reads the target's tensors: weight space only
             return Form.DELTA
         training = self.trains(grad)
@@ -101,7 +106,7 @@ class AdapterEntry:
 
     def stands_in(self, grad: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this adapter computes the host's whole output for this call (training only)."""
-        return self.can_stand_in and self.trains(grad) and self.adapter.stands_in(self.target, args, kwargs)
+        return self.can_stand_in and not self.output_only and self.trains(grad) and self.adapter.stands_in(self.target, args, kwargs)
 
 
 @dataclass

@@ -21,9 +21,10 @@ from .errors import AdapterFileError, PeftkitError, PluginError, TargetError
 from .heads import MultiHead, fresh_layer
 from .method import Adapter, Delta, LowRankDelta, Method, SparseDelta
 from .plan import AdapterPlan
+from .quantized import logical_dtype, logical_shape, quantization_of
 from .targets import calls_forward, host_of, is_under
 
-__all__ = ["AdapterSet", "Prepared", "build", "meta_twin"]
+__all__ = ["AdapterSet", "Prepared", "build", "meta_twin", "output_only", "quantized_tensors"]
 
 
 class AdapterSet(nn.Module):
@@ -150,6 +151,8 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False, dry_run
                 raise PluginError(f"method {m.name!r}: {type(adapter).__name__}.spec() is no longer called; return what "
                                   "it held from Method.plan() as the target's spec (see docs/plugins.md)")
             _check_runs(model, m, p, adapter)
+            if not on_meta:
+                _check_quantized(model, m, p, module, adapter)
             if on_meta and adapter.has_delta:
                 _check_deltas(m, p, module, adapter)
             if p in plan.values and not on_meta:
@@ -157,12 +160,61 @@ def build(model: nn.Module, plan: AdapterPlan, *, on_meta: bool = False, dry_run
             adapters.append(adapter)
         copies = []
         for p in train_paths:
+            if p not in plan.fresh and not on_meta:
+                _refuse_quantized_copy(model.get_submodule(p), p)
             c = fresh_layer(module_at(p), plan.fresh[p]) if p in plan.fresh else copy.deepcopy(module_at(p))
             for prm in c.parameters():
                 prm.requires_grad_(True)
             copies.append(c)
         heads = MultiHead(module_at(plan.heads[0]), plan.heads[1]) if plan.heads else None
     return Prepared(plan, AdapterSet(plan, adapters, copies, heads))
+
+
+def quantized_tensors(module: nn.Module) -> dict[str, str]:
+    """name -> quantization of each quantized tensor of ``module`` (its children's included)."""
+    return {n: q for n, t in module.named_parameters() if (q := quantization_of(t)) is not None}
+
+
+def output_only(model: nn.Module, path: str, adapter: Adapter) -> bool:
+    """Whether the adapter on ``path`` applies in output space only: its target holds quantized tensors,
+    which cannot take ``W + delta`` (see :func:`_check_quantized`, which refused the other cases)."""
+    return adapter.has_transform and not host_of(model, path)[1] and bool(quantized_tensors(model.get_submodule(path)))
+
+
+def _check_quantized(model: nn.Module, m: Method[Any], path: str, module: nn.Module, adapter: Adapter) -> None:
+    """Refuse an adapter that could only apply by adding to a quantized tensor of its target (the
+    rounding would swallow the delta, and the backbone would change): one with no output-space form,
+    one whose target its parent reads directly, one that stands in for its target's forward."""
+    quantized = quantized_tensors(module)
+    if not quantized:
+        return
+    prefix = host_of(model, path)[1]
+    if adapter.has_transform and not prefix:
+        return
+    try:
+        with torch.no_grad():
+            names = list(adapter.delta(module) or {})
+    except Exception:  # noqa: BLE001 (a delta that cannot even be computed on a quantized tensor: refuse)
+        names = list(quantized)
+    hit = [n for n in names if n in quantized]
+    if not hit and not adapter.has_stand_in:
+        return  # e.g. a bias delta beside a quantized weight
+    name = hit[0] if hit else next(iter(quantized))
+    how = ("its parent reads the weight directly, so the adapter could only add to it" if prefix else
+           "the adapter only applies by adding to the weight itself (W + delta)")
+    raise TargetError(
+        f"method {m.name!r} cannot adapt {path!r}: {path}.{name} is quantized ({quantized[name]}) and {how}, which a "
+        "quantized tensor cannot take. Leave it out of targets (exclude=[...]), use a method with an output-space "
+        "form (lora, serial_adapter, parallel_adapter), or keep that layer in float (peftkit.quantize(..., targets=[...])).")
+
+
+def _refuse_quantized_copy(module: nn.Module, path: str) -> None:
+    quantized = quantized_tensors(module)
+    if quantized:
+        name, kind = next(iter(quantized.items()))
+        raise TargetError(f"train=[{path!r}] trains a copy of that module, but {path}.{name} is quantized ({kind}); "
+                          "keep it in float (peftkit.quantize(..., targets=[...]) without it), or replace it with a "
+                          "fresh head (head=N / heads={...})")
 
 
 def _check_deltas(m: Method[Any], path: str, module: nn.Module, adapter: Adapter) -> None:
@@ -235,9 +287,10 @@ def meta_twin(module: nn.Module) -> nn.Module:
     adapter built for it allocates nothing (see :func:`build`)."""
     twin = object.__new__(type(module))  # not copy.copy: a parametrized module refuses to be pickled or copied
     twin.__dict__.update(module.__dict__)
-    twin.__dict__["_parameters"] = {
-        k: None if t is None else nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
-                                               requires_grad=t.requires_grad)
+    twin.__dict__["_parameters"] = {  # a quantized tensor's twin has the float shape and dtype it stands for
+        k: None if t is None else nn.Parameter(
+            torch.empty(logical_shape(module, k, t), dtype=logical_dtype(module, t), device="meta"),
+            requires_grad=t.requires_grad)
         for k, t in module._parameters.items()}
     twin.__dict__["_buffers"] = {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
                                  for k, t in module._buffers.items()}

@@ -15,6 +15,7 @@ __all__ = [
     "MergeError",
     "PeftkitError",
     "PluginError",
+    "QuantizationWarning",
     "TargetError",
     "UnknownAdapterError",
     "UnknownMethodError",
@@ -56,6 +57,12 @@ class PluginError(PeftkitError):
 
 class MergeError(PeftkitError):
     """A merge that cannot be done exactly or would corrupt the base weights."""
+
+
+class QuantizationWarning(UserWarning):
+    """An adapter loaded onto a backbone quantized otherwise than the one it was trained on (e.g. a
+    QLoRA adapter onto the float model: allowed, the usual way to ship one; outputs differ from
+    training's by the quantization error)."""
 
 
 def shown(value: Any, limit: int = 80) -> str:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -26,11 +27,20 @@ from torch import nn
 from . import container, sharding
 from .attach import TensorStamp, stamps_match
 from .build import AdapterSet, Prepared, build
-from .errors import AdapterFileError, BackboneMismatchError, ConfigError, PeftkitError, UnknownMethodError, shown
+from .errors import (
+    AdapterFileError,
+    BackboneMismatchError,
+    ConfigError,
+    PeftkitError,
+    QuantizationWarning,
+    UnknownMethodError,
+    shown,
+)
 from .heads import is_head_spec
 from .method import Method
 from .plan import AdapterPlan
 from .plugins import MethodInfo, get_method
+from .quantized import dequantize, float_class, logical_tensors
 from .targets import nearest_names
 
 __all__ = [
@@ -51,14 +61,19 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict(keep_vars=True))
 
 
+def _class_name(module: nn.Module) -> str:
+    """The class a file records: the float one a quantized layer stands for (a Linear4bit is a Linear)."""
+    return float_class(sharding.original_class(module)).__name__
+
+
 def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
     """path -> {class, role, shapes[, spec]} for the base modules an adapter touches."""
     out: dict[str, Any] = {}
 
     def add(path: str, role: str, spec: dict[str, Any]) -> None:
         m = model.get_submodule(path)
-        out[path] = {"class": sharding.original_class(m).__name__, "role": role,
-                     "shapes": {k: list(t.shape) for k, t in _module_tensors(m).items()}}
+        out[path] = {"class": _class_name(m), "role": role,
+                     "shapes": {k: list(shape) for k, (shape, _, _) in logical_tensors(m).items()}}
         if spec:
             out[path]["spec"] = spec
 
@@ -71,18 +86,42 @@ def describe_targets(model: nn.Module, modules: AdapterSet) -> dict[str, Any]:
     return out
 
 
-def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[str, str | None]:
+def fingerprint(model: nn.Module, paths: list[str], with_values: bool) -> dict[str, Any]:
     """Hash of the touched base tensors' names, shapes and dtypes (and values when asked; sharded
-    tensors are gathered for that, so under FSDP2 every rank must call it)."""
+    tensors are gathered for that, so under FSDP2 every rank must call it). A quantized tensor counts
+    by the float shape and dtype it stands for (and its dequantized values); which tensors are
+    quantized, and how, is listed apart (``quantization``, only when some are), so that an adapter
+    trained on a quantized backbone fits the float one."""
     layout = hashlib.sha256()
     content = hashlib.sha256() if with_values else None
+    quantization: dict[str, str] = {}
     for p in sorted(paths):
-        for k, t in sorted(_module_tensors(model.get_submodule(p)).items()):
-            layout.update(f"{p}.{k}|{list(t.shape)}|{t.dtype}\n".encode())
+        module = model.get_submodule(p)
+        tensors = _module_tensors(module)
+        for k, (shape, dtype, kind) in sorted(logical_tensors(module).items()):
+            layout.update(f"{p}.{k}|{list(shape)}|{dtype}\n".encode())
+            if kind is not None:
+                quantization[f"{p}.{k}" if p else k] = kind
             if content is not None:
-                whole = sharding.full_tensor(t.detach())
+                whole = sharding.full_tensor(dequantize(tensors[k].detach(), module))
                 content.update(whole.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
+    out: dict[str, Any] = {"layout": layout.hexdigest(), "values": content.hexdigest() if content else None}
+    if quantization:
+        out["quantization"] = quantization
+    return out
+
+
+def _quantization_note(where: str, trained: dict[str, str], here: dict[str, str]) -> str | None:
+    """What a user should know when the file's backbone was quantized otherwise than this one."""
+    if trained == here:
+        return None
+
+    def kinds(q: dict[str, str]) -> str:
+        return ", ".join(sorted(set(q.values()))) + f" ({len(q)} tensors)" if q else "float"
+
+    usual = " (the usual way to ship a QLoRA adapter)" if trained and not here else ""
+    return (f"{where} was trained on a backbone quantized as {kinds(trained)}; this backbone is {kinds(here)}. "
+            f"Loading it is allowed{usual}; the outputs differ from those seen in training by the quantization error.")
 
 
 def file_metadata(model: nn.Module, name: str, method: Method[Any], info: MethodInfo, modules: AdapterSet) -> dict[str, str]:
@@ -186,6 +225,11 @@ def _header(snap: container.Snapshot) -> AdapterHeader:
     backbone = _metadata_json(meta["peftkit.backbone"], "peftkit.backbone", where, dict)
     if not isinstance(backbone.get("layout"), str) or not isinstance(backbone.get("values"), (str, type(None))):
         raise AdapterFileError(f"{where}: metadata peftkit.backbone needs a 'layout' string and a 'values' string or null")
+    quantization = backbone.get("quantization", {})
+    if not (isinstance(quantization, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) <= 40
+                                                   for k, v in quantization.items())):
+        raise AdapterFileError(f"{where}: metadata peftkit.backbone's 'quantization' is malformed (expected tensor "
+                               "name -> quantization)")
     paths = set(targets)
     strays = [k for k in snap.tensors if not _under_some(k, paths)]
     if strays:  # cheap, before any per-target work: every tensor belongs to a module of the table
@@ -235,11 +279,11 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
             else:
                 problems.append(path)
             continue
-        have_class = sharding.original_class(m).__name__
+        have_class = _class_name(m)
         if have_class != want["class"]:
             problems.append(f"{path!r} is a {have_class}, the file expects a {want['class']}")
             continue
-        have = {k: list(t.shape) for k, t in _module_tensors(m).items()}
+        have = {k: list(shape) for k, (shape, _, _) in logical_tensors(m).items()}
         if have != want["shapes"]:
             diff = [f"{k}: file {want['shapes'].get(k)} vs model {have.get(k)}"
                     for k in sorted(set(have) | set(want["shapes"])) if have.get(k) != want["shapes"].get(k)]
@@ -258,6 +302,10 @@ def _check_backbone(model: nn.Module, header: AdapterHeader) -> None:
         raise BackboneMismatchError(
             f"{str(header.path)!r} holds deltas for specific base weights, and this backbone's weights differ "
             "(same architecture, other values). Load it onto the exact pretrained weights it was trained on.")
+    note = _quantization_note(repr(str(header.path)), header.backbone.get("quantization", {}),
+                              got.get("quantization", {}))
+    if note:
+        warnings.warn(note, QuantizationWarning, stacklevel=4)
 
 
 def _method(header: AdapterHeader) -> tuple[MethodInfo, Method[Any]]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import sharding as dist
 from .errors import ConfigError
+from .quantized import is_quantized
 
 __all__ = ["candidate_names", "default_loss", "fisher_information", "fisher_mask", "select_top"]
 
@@ -249,7 +250,9 @@ def fisher_information(model: nn.Module, data: Iterable[Any], loss_fn: LossFn | 
     wanted = list(names) if names is not None else candidate_names(model, None)
     all_params = dict(model.named_parameters())
     params = {n: all_params[n].detach() for n in wanted}
-    consts = {**{n: p.detach() for n, p in all_params.items() if n not in params}, **dict(model.named_buffers())}
+    # a quantized tensor stays the module's own: detached, a bitsandbytes weight would lose its quantization state
+    consts = {**{n: p.detach() for n, p in all_params.items() if n not in params and not is_quantized(p)},
+              **dict(model.named_buffers())}
     per_sample = 4 * sum(p.numel() for p in params.values())
     chunk = max(1, min(64, memory // max(per_sample, 1)))
     totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import ConfigError, TargetError
 from .method import Adapter
+from .quantized import logical_dtype
 
 __all__ = ["MAX_HEAD_LAYERS", "HeadSpec", "MultiHead", "fresh_head", "fresh_layer", "head_parameters", "head_widths",
            "is_head_spec", "multitask_loss", "normal_head", "pinball_loss"]
@@ -25,8 +26,9 @@ def fresh_layer(layer: nn.Module, outputs: int) -> nn.Module:
     """A newly initialised copy of an output layer with ``outputs`` outputs (Linear or Conv)."""
     if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
         raise ConfigError(f"head={outputs!r} is invalid; expected the number of outputs, e.g. head=2")
-    w = layer.weight if isinstance(getattr(layer, "weight", None), torch.Tensor) else None
-    kw = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+    weight = getattr(layer, "weight", None)
+    w = weight if isinstance(weight, torch.Tensor) else None
+    kw = {"device": w.device, "dtype": logical_dtype(layer, w)} if w is not None else {}  # float, also for a quantized layer
     if isinstance(layer, nn.Linear):
         return nn.Linear(layer.in_features, outputs, bias=layer.bias is not None, **kw)
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -32,7 +32,7 @@ from .attach import (
     slots_in,
     tensor_slot,
 )
-from .build import AdapterSet, Prepared, build
+from .build import AdapterSet, Prepared, build, output_only, quantized_tensors
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
 from .files import read_adapter, read_swap
@@ -40,6 +40,7 @@ from .heads import HeadSpec
 from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
+from .quantized import dequantize, float_class, is_quantized, quantization_of
 from .targets import Selection, is_under, output_layers, tied_aliases
 from .transaction import Journal, deferred_interrupts, finish
 
@@ -472,7 +473,8 @@ class AdaptedModel(nn.Module):
         for path, adapter in mods.items():
             host, prefix = acting_host(base, path, adapter)
             target = base.get_submodule(path)
-            entries.append((host, path, AdapterEntry(name, target, adapter, prefix)))
+            entries.append((host, path, AdapterEntry(name, target, adapter, prefix,
+                                                      output_only=output_only(base, path, adapter))))
             if prepared.method.follows_ties and not prefix:  # a parameter's delta applies wherever it is read
                 for other, tname, cname in tied_aliases(base, path):
                     entries.append((other, path, AdapterEntry(name, target, adapter, mapping={tname: cname})))
@@ -632,22 +634,54 @@ class AdaptedModel(nn.Module):
         names = [n for n in self._state.active if n not in self._state.merged]
         if not names or self._state.disabled:
             return
-        with torch.no_grad():
-            self._check_mergeable(names)
-            # every delta against the unmerged weights, before any change: a delta may read the weights
-            # (DoRA normalises W + delta), and run unmerged each adapter's is taken against them
-            deltas = {n: list(self._deltas(n)) for n in names}
-            started: list[str] = []
-            with deferred_interrupts():
-                try:
-                    for n in names:
-                        started.append(n)
-                        self._merge_one(self._records[n], deltas[n])
-                        self._state.merged.add(n)
-                except BaseException:  # all or nothing: undo what was done
-                    self._restore(started)
-                    raise
+        self._merge_names(names)
         self._refresh()
+
+    # a decorator rather than a with-block: a KeyboardInterrupt at a with-block's exit skips __exit__
+    # (CPython), which would leave autograd off for the whole process
+    @torch.no_grad()
+    def _merge_names(self, names: list[str]) -> None:
+        self._refuse_quantized(names)
+        self._check_mergeable(names)
+        # every delta against the unmerged weights, before any change: a delta may read the weights
+        # (DoRA normalises W + delta), and run unmerged each adapter's is taken against them
+        deltas = {n: list(self._deltas(n)) for n in names}
+        started: list[str] = []
+        with deferred_interrupts():
+            try:
+                for n in names:
+                    started.append(n)
+                    self._merge_one(self._records[n], deltas[n])
+                    self._state.merged.add(n)
+            except BaseException:  # all or nothing: undo what was done
+                self._restore(started)
+                raise
+
+    def _quantized_deltas(self, names: list[str]) -> list[tuple[str, nn.Module, str]]:
+        """(the tensor's name, the module holding it, its name there) for each quantized tensor an
+        adapter of ``names`` would merge into."""
+        out = []
+        for n in names:
+            for path, adapter in self._records[n].modules.items():
+                target = self.base_model.get_submodule(path)
+                if not quantized_tensors(target) or not adapter.has_delta:
+                    continue
+                for tname in adapter.delta(target) or {}:
+                    owner, _, leaf = tname.rpartition(".")
+                    module = target.get_submodule(owner) if owner else target
+                    if is_quantized(module._parameters.get(leaf)):
+                        out.append((_join(path, tname), module, leaf))
+        return out
+
+    def _refuse_quantized(self, names: list[str]) -> None:
+        found = self._quantized_deltas(names)
+        if found:
+            what, module, leaf = found[0]
+            raise MergeError(
+                f"cannot merge into {what}: it is quantized ({quantization_of(module._parameters[leaf])}), and adding a "
+                "delta to quantized weights rounds most of it away (nor could unmerge restore them). Nothing was merged. "
+                "Keep the adapter unmerged (it runs beside the quantized layer), or use unwrap(merge=True) for a float "
+                "model with the adapter merged (the adapted layers dequantized; peftkit.quantize it again if you wish).")
 
     def _check_mergeable(self, names: list[str]) -> None:
         """Refuse, before anything changes, a merge that would change a tensor other modules share
@@ -708,9 +742,13 @@ class AdaptedModel(nn.Module):
             self._unmerge(sorted(self._state.merged))
 
     def _unmerge(self, names: list[str]) -> None:
-        with torch.no_grad(), deferred_interrupts():
-            self._restore(names)
+        self._restore_held(names)
         self._refresh()
+
+    @torch.no_grad()  # a decorator: see _merge_names
+    def _restore_held(self, names: list[str]) -> None:
+        with deferred_interrupts():
+            self._restore(names)
 
     def _restore(self, names: list[str]) -> None:
         """Undo the merge of ``names`` (newest first), to the end whatever is raised meanwhile, and
@@ -753,7 +791,13 @@ class AdaptedModel(nn.Module):
             if multi:
                 raise MergeError(f"adapter {multi[0]!r} has multi-task heads, which return a dict and cannot be folded "
                                  "into the backbone; keep the AdaptedModel, or use unwrap(merge=False)")
-            self._merge()
+            restore = self._dequantize_for_merge()
+            try:
+                self._merge()
+            except BaseException:
+                for store, key, original in reversed(restore):
+                    store[key] = original
+                raise
             for held in self._records.values():  # nothing to unmerge once unwrapped: free the copies
                 held.merge_undo.forget()
         else:
@@ -762,7 +806,24 @@ class AdaptedModel(nn.Module):
         base = self.base_model
         _release_backbone(self._slots, self._guards, base, self._orig_grad, self._orig_training, merged=merge)
         self._detached = True
+        if merge:
+            _plain_linears(base)
         return base
+
+    @torch.no_grad()
+    def _dequantize_for_merge(self) -> list[tuple[dict[str, Any], str, Any]]:
+        """Put the float weight in place of each quantized one an active adapter merges into (for
+        ``unwrap(merge=True)``); returns what puts the quantized ones back."""
+        if self._state.disabled:
+            return []
+        names = [n for n in self._state.active if n not in self._state.merged]
+        undo: list[tuple[dict[str, Any], str, Any]] = []
+        for _, module, leaf in self._quantized_deltas(names):
+            q = module._parameters[leaf]
+            assert q is not None  # _quantized_deltas found a quantized tensor there
+            undo.append((module._parameters, leaf, q))
+            module._parameters[leaf] = nn.Parameter(dequantize(q, module).clone(), requires_grad=False)
+        return undo
 
     def _check_unsharded(self, what: str) -> None:
         if self.sharded:
@@ -898,6 +959,21 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
         m.training = training.get(n, m.training)
 
 
+def _plain_linears(model: nn.Module) -> None:
+    """Turn each bitsandbytes Linear whose weight is float again (merged by ``unwrap(merge=True)``) into an
+    ``nn.Linear`` holding the same tensors: its own forward would expect a quantized weight."""
+    for path, m in list(model.named_modules()):
+        if float_class(type(m)) is nn.Linear and type(m) is not nn.Linear and type(m).__module__.startswith("bitsandbytes"):
+            w = m._parameters.get("weight")
+            if isinstance(w, nn.Parameter) and not is_quantized(w) and w.is_floating_point():
+                assert isinstance(m, nn.Linear)  # float_class says so
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+                plain._parameters["weight"], plain._parameters["bias"] = w, m._parameters.get("bias")
+                plain.train(m.training)
+                parent, _, leaf = path.rpartition(".")
+                model.get_submodule(parent)._modules[leaf] = plain
+
+
 def _join(path: str, name: str) -> str:
     """A tensor's full name: ``path.name``, or ``name`` on the root module."""
     return f"{path}.{name}" if path else name
@@ -914,7 +990,7 @@ def _readers(model: nn.Module) -> dict[int, dict[tuple[Any, str], str]]:
             if t is None:
                 continue
             by_tensor.setdefault(id(t), {}).setdefault((id(m), n), _join(path, n))
-            if t.device.type != "meta" and t.numel():
+            if t.device.type != "meta" and t.numel() and not is_quantized(t):  # a quantized one is never merged into
                 by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), set()).add(id(t))
     for ids in by_storage.values():
         if len(ids) > 1:  # distinct tensors on one storage: each one's readers read the others' too

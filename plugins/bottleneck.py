@@ -35,6 +35,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta
+from peftkit.quantized import float_dtype
 from peftkit.targets import forward_source, is_projection, output_layers
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -144,7 +145,7 @@ class BottleneckAdapter(peftkit.Adapter):
         self.dims = spatial_dims(module)
         self.spatial = self.dims > 0
         like = next(module.parameters())
-        device, dtype = like.device, like.dtype
+        device, dtype = like.device, float_dtype(module)  # a quantized layer's: the float dtype it stands for
         target_conv = module if isinstance(module, _CONV_TYPES) else None
         conv_layer = target_conv is not None
         bias = target_conv is None or target_conv.bias is not None  # conv adapters follow the conv (BN follows it)

@@ -27,6 +27,7 @@ from peftkit.attach import TensorStamp
 from peftkit.errors import ConfigError, TargetError
 from peftkit.fisher import candidate_names, fisher_mask
 from peftkit.method import Delta, SparseDelta
+from peftkit.quantized import is_quantized
 
 _RUNTIME = {"runtime": True}
 _SKIP = 0  # a gap code meaning "advance 65535 positions, select nothing"
@@ -168,6 +169,10 @@ class Fish(peftkit.Method[FishConfig]):
             bad = [n for n in mask if n not in known]
             if bad:
                 raise ConfigError(f"mask names parameters the model does not have: {bad[:3]}")
+            quantized = [n for n in mask if is_quantized(known[n]) and mask[n].numel()]
+            if quantized:
+                raise TargetError(f"mask selects entries of {quantized[0]}, which is quantized: a sparse delta cannot be "
+                                  "added to quantized weights. Keep that layer in float, or leave it out of the mask")
             return mask
         if c.data is None:
             raise ConfigError("fish needs mask=peftkit.fisher_mask(...) or data=... (an iterable of batches) to "
@@ -175,7 +180,14 @@ class Fish(peftkit.Method[FishConfig]):
         # only the targets' own parameters are candidates: modules trained whole (or replaced by a
         # new head) are not, and their parameters count inside the budget, as in the reference
         targets = set(context.targets)
+        params = dict(model.named_parameters())
         names = {n for n in candidate_names(model, c.candidates) if n.rpartition(".")[0] in targets}
+        quantized = sorted(n for n in names if is_quantized(params[n]))  # a sparse delta cannot be added to them
+        names -= set(quantized)
+        if not names and quantized:
+            raise TargetError(f"fish: every candidate parameter of the targets is quantized ({quantized[0]}, ...), "
+                              "and a sparse delta cannot be added to quantized weights; use lora on a quantized "
+                              "backbone, or keep the layers FISH should adapt in float (peftkit.quantize(..., targets=))")
         if not names:
             shown_targets = ", ".join(sorted(targets)[:3]) + (" …" if len(targets) > 3 else "")
             raise ConfigError(f"fish: the targets ({shown_targets}) hold no candidate parameters of their own; FISH "

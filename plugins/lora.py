@@ -22,6 +22,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
+from peftkit.quantized import dequantize
 from peftkit.targets import matches, output_layers, pattern_problem
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -454,7 +455,7 @@ class LinearLoRA(_LoRAAdapter):
     def __init__(self, module: nn.Module, r: int, scale: float, dropout: float, init: str | bool, bias: bool,
                  transposed: bool, dora: bool = False) -> None:
         super().__init__()
-        w = _tensor(module, "weight")
+        w = dequantize(_tensor(module, "weight"), module)  # a quantized weight: the float one it stands for
         in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
         _init_pair(self, (r, in_f), (out_f, r), w, init)
         self.scale = scale
@@ -476,7 +477,8 @@ class LinearLoRA(_LoRAAdapter):
         """DoRA's ``g = m / ||W + s B A||`` per output, the norm without gradient."""
         assert self.lora_magnitude is not None
         with torch.no_grad():
-            n = _norms(add_delta(_tensor(module, "weight"), detach_delta(self._low_rank())), 1, self.transposed)
+            w = dequantize(_tensor(module, "weight"), module)
+            n = _norms(add_delta(w, detach_delta(self._low_rank())), 1, self.transposed)
         return self.lora_magnitude / n
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -510,7 +512,8 @@ class LinearLoRA(_LoRAAdapter):
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         d: Delta = self._low_rank()
         if self.lora_magnitude is not None:
-            d, g = dora_delta(_tensor(module, "weight"), d, self.lora_magnitude, self.transposed)
+            d, g = dora_delta(dequantize(_tensor(module, "weight"), module), d, self.lora_magnitude,
+                              self.transposed)
             self._folded_scale = g.detach()
         deltas: dict[str, Delta] = {"weight": d}
         if self.lora_bias is not None:

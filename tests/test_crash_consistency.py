@@ -181,6 +181,7 @@ def test_interrupted_merge_and_unmerge_are_all_or_nothing(method: str) -> None:
             finally:
                 sys.settrace(None)
         assert not m.merged, "an interrupted unmerge must still finish"
+        assert torch.is_grad_enabled(), f"an interrupt at line {n} left autograd off"
         assert_bitwise_equal(snapshot(m.base_model), before)
         torch.testing.assert_close(m(x), unmerged_out, rtol=0, atol=0)
 

@@ -16,7 +16,7 @@ PLUGINS = sorted((ROOT / "plugins").glob("*.py")) + [ROOT / "examples" / "peftki
 # Bottom to top. A module may import only from layers below its own (data flows one way:
 # selection -> plan -> build -> attach -> run; file <-> plan). docs/architecture.md describes each.
 LAYERS: list[set[str]] = [
-    {"errors", "transaction", "hookspecs", "sharding"},  # no peftkit imports
+    {"errors", "transaction", "hookspecs", "sharding", "quantized"},  # no peftkit imports
     {"container", "targets", "fisher", "fastpaths"},  # bytes on disk; selection; Fisher information; fast paths
     {"method"},  # what a plugin implements: Method, Plan, Adapter, deltas
     {"plugins", "heads", "attach"},  # the registry; output heads; the runtime's hooks
@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"build"},  # plan -> modules
     {"files"},  # file <-> plan
     {"model"},  # AdaptedModel: attach, run, merge
-    {"formats", "recipes", "distributed", "domain"},  # other file formats; training recipes; FSDP2; domain adaptation
+    {"formats", "recipes", "distributed", "domain", "quantization"},  # file formats; recipes; FSDP2; domain adaptation; QLoRA
     {"io"},  # save, load, hotswap
     {"__init__"},  # the public API
     {"demo", "testing", "hf", "classify", "lightning"},  # users of the public API: demo, kit, trainers, `peftkit train`

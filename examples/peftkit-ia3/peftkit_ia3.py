@@ -16,6 +16,7 @@ from torch import nn
 import peftkit
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta
+from peftkit.quantized import float_dtype, logical_shape
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,9 @@ class IA3Scale(peftkit.Adapter):
 
     def __init__(self, module: nn.Linear | nn.Conv2d, init: float) -> None:
         super().__init__()
-        w = module.weight
-        self.ia3_l = nn.Parameter(torch.full((w.shape[0],), float(init), device=w.device, dtype=w.dtype))
+        w = module.weight  # on a quantized backbone: the float shape and dtype it stands for
+        self.ia3_l = nn.Parameter(torch.full((logical_shape(module, "weight", w)[0],), float(init), device=w.device,
+                                             dtype=float_dtype(module)))
 
     def _shaped(self, ndim: int, channel_dim: int) -> torch.Tensor:
         shape = [1] * ndim

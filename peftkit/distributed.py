@@ -32,6 +32,7 @@ from torch import nn
 from .attach import acting_host
 from .errors import ConfigError, MergeError, PluginError
 from .model import AdaptedModel
+from .quantized import quantization_of
 from .sharding import (
     all_reduce_sum,
     assign,
@@ -129,6 +130,14 @@ def shard(model: nn.Module, blocks: Selection = None, *, mesh: Any = None, resha
     if model.merged:
         raise MergeError("unmerge() before sharding: the backbone is sharded as it was given to wrap()")
     base = model.base_model
+    # FSDP2 shards a tensor subclass only through its fsdp_pre_all_gather extension (torchao's NF4 has one)
+    unshardable = [(n, q) for n, p in base.named_parameters() if (q := quantization_of(p)) is not None
+                   and not hasattr(type(p), "fsdp_pre_all_gather")]
+    if unshardable:
+        name, kind = unshardable[0]
+        raise ConfigError(f"FSDP2 cannot shard {name} ({kind}): its quantized storage has no FSDP2 all-gather (and "
+                          f"{len(unshardable)} such tensors). Quantize with torchao's NF4 (peftkit.quantize(model, 'nf4',"
+                          " backend='torchao')), which FSDP2 shards, or train with DDP, which works with any quantization.")
     paths = select_modules(base, blocks, what="blocks") if blocks is not None else find_blocks(base)
     paths = _called_blocks(base, paths)
     # a pattern such as "encoder.layer.*" also matches everything inside each block: keep the blocks

@@ -42,6 +42,9 @@ def quantization_of(t: object) -> str | None:
     ``"bnb-nf4"``/``"bnb-fp4"``/``"bnb-int8"`` for bitsandbytes', ``None`` for a plain tensor."""
     if not isinstance(t, torch.Tensor):
         return None
+    local = getattr(t, "_local_tensor", None)  # an FSDP2-sharded (DTensor) weight: its shard's class tells
+    if isinstance(local, torch.Tensor):
+        t = local
     cls = type(t)
     if cls.__module__.startswith("torchao"):
         name = cls.__name__
@@ -117,6 +120,8 @@ def dequantize(t: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor
     kind = quantization_of(t)
     if kind is None:
         return t
+    if isinstance(getattr(t, "_local_tensor", None), torch.Tensor):  # FSDP2-sharded: every rank gathers it whole
+        return dequantize(_attr(t, "full_tensor")(), module)
     with torch.no_grad():
         if type(t).__module__.startswith("torchao"):
             # NF4Tensor.dequantize is a static helper of another signature; get_original_weight is the whole tensor

@@ -9,6 +9,7 @@ single process's. After 5 AdamW steps the adapter tensors and the saved files mu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import peftkit.distributed as pdist
 STEPS = 5
 BATCH = 16
 METHODS = ("lora", "fish", "serial")
+QLORA = importlib.util.find_spec("torchao") is not None
 
 
 class Block(nn.Module):
@@ -67,16 +69,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t[pdist.rank() * n:(pdist.rank() + 1) * n]
 
 
-def backbone() -> nn.Module:
+def backbone(method: str = "") -> nn.Module:
     torch.manual_seed(0)
-    return Net()
+    if method != "qlora":
+        return Net()
+    model = Net(d=128)  # blocks of 128 x 256 Linears: whole NF4 blocks of 16,384 weights
+    return peftkit.quantize(model, "nf4", [r"blocks\..*"], backend="torchao")
 
 
 def wrap(method: str) -> peftkit.AdaptedModel:
     """A fresh backbone wrapped with ``method``; FISH's Fisher uses this rank's rows (summed over ranks)."""
     x, y = batch()
-    if method == "lora":
-        return peftkit.wrap(backbone(), "lora", r=2, targets=["fc1", "fc2"], train=["head"])
+    if method in ("lora", "qlora"):
+        return peftkit.wrap(backbone(method), "lora", r=2, targets=["fc1", "fc2"], train=["head"])
     if method == "serial":  # a serial adapter beside a module trained whole inside a block
         return peftkit.wrap(backbone(), "serial_adapter", bottleneck=3, scale="learned", targets=["fc2"],
                             train=["blocks.1.fc1", "head"])
@@ -203,6 +208,9 @@ def main(out: Path, ref: Path) -> None:
         for mode in ("ddp", "fsdp"):
             report[f"{method}-{mode}"] = train(method, mode, out)
         report[f"{method}-loading"] = sharded_loading(method, ref)
+    if QLORA:  # LoRA on a torchao NF4 backbone: DDP, and FSDP2 (which shards NF4 weights)
+        for mode in ("ddp", "fsdp"):
+            report[f"qlora-{mode}"] = train("qlora", mode, out)
     report["full-ddp"] = {"grad_bytes_per_step": full_ddp_bytes()}
     (out / f"report-{pdist.rank()}.json").write_text(json.dumps(report))
     dist.barrier()

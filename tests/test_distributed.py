@@ -34,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The single-process reference (in this process) and one torchrun launch of every 2-process run."""
     ref = tmp_path_factory.mktemp("single")
     out = tmp_path_factory.mktemp("two")
-    facts = {m: worker.train(m, "single", ref) for m in worker.METHODS}
+    facts = {m: worker.train(m, "single", ref) for m in (*worker.METHODS, *(["qlora"] if worker.QLORA else []))}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "distributed_worker.py"), str(out), str(ref)]
@@ -70,6 +70,33 @@ def test_saved_file_is_what_one_process_writes(runs: dict[str, Any], method: str
     # the same weights saved by one process give the same bytes
     again = peftkit.save(peftkit.load(worker.backbone(), file), tmp_path / "again.safetensors")
     assert again.read_bytes() == file.read_bytes()
+
+
+@pytest.mark.skipif(not worker.QLORA, reason="needs torchao")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_qlora_on_an_nf4_backbone_trains_like_one_process(runs: dict[str, Any], mode: str) -> None:
+    """FSDP2 shards torchao's NF4 weights (NF4Tensor implements its all-gather), DDP leaves them alone."""
+    ref = torch.load(runs["ref"] / "qlora-single.pt")
+    got = torch.load(runs["out"] / f"qlora-{mode}.pt")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert any(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))
+    assert peftkit.read_header(runs["out"] / f"qlora-{mode}.safetensors").metadata == peftkit.read_header(
+        runs["ref"] / "qlora-single.safetensors").metadata
+
+
+@pytest.mark.parametrize(("backend", "scheme", "kind"), [("bitsandbytes", "nf4", "bnb-nf4"),
+                                                         ("bitsandbytes", "int8", "bnb-int8"),
+                                                         ("torchao", "int8", "int8")])
+def test_shard_refuses_quantized_weights_fsdp2_cannot_shard(backend: str, scheme: str, kind: str) -> None:
+    pytest.importorskip(backend)
+    torch.manual_seed(0)
+    model = peftkit.quantize(worker.Net(d=128), scheme, [r"blocks\..*"], backend=backend)
+    m = peftkit.wrap(model, "lora", r=2, targets=["fc1"])
+    with pytest.raises(ConfigError, match=rf"FSDP2 cannot shard blocks\.0\.fc1\.weight \({kind}\).*nf4.*DDP"):
+        pdist.shard(m)
+    assert not m.sharded
 
 
 def test_fsdp_groups_each_adapter_with_its_block(runs: dict[str, Any]) -> None:

@@ -458,6 +458,27 @@ def domain_row(smoke: bool) -> dict[str, Any]:
             for shift, s in res.items() for method, rows in s["methods"].items() for variant, r in rows.items()}
 
 
+def qlora_row(smoke: bool) -> dict[str, Any]:
+    """QLoRA memory and speed on a Llama-shaped model (benchmarks/qlora.py): bf16 against NF4 (torchao,
+    bitsandbytes) and PEFT over bitsandbytes, each variant in its own process (in this one for --smoke)."""
+    sys.path.insert(0, str(HERE))
+    import qlora  # benchmarks/qlora.py
+
+    if smoke:
+        needs = {"nf4 torchao": ["torchao"], "nf4 bitsandbytes": ["bitsandbytes"],
+                 "peft nf4 bitsandbytes": ["peft", "bitsandbytes"]}
+        res = {v: qlora.variant(v, True, 1) for v in qlora.VARIANTS if all(map(_has, needs.get(v, [])))}
+    else:
+        res = qlora.run(False, steps=2)
+    return {f"{variant}: {k}": v for variant, r in res.items() for k, v in r.items()}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def compile_row(smoke: bool) -> dict[str, Any]:
     import torch
 
@@ -525,7 +546,7 @@ def report(results: dict[str, Any]) -> str:
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for note in results.get("notes", []):  # e.g. a row measured again, and why
         lines += ["", f"Note: {note}"]
-    for section in ("io", "scale", "fish", "dora", "methods", "domain", "compile"):
+    for section in ("io", "scale", "fish", "dora", "methods", "domain", "qlora", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                                                   for k, v in results[section].items()]
@@ -552,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.section:
         print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                          "domain": domain_row, "compile": compile_row}[a.section](a.smoke)))
+                          "domain": domain_row, "qlora": qlora_row, "compile": compile_row}[a.section](a.smoke)))
         return 0
     smoke = ["--smoke"] if a.smoke else []
     procs, reps = (1, 1) if a.smoke else (a.processes, a.reps)
@@ -562,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": {}}
     chosen = a.rows.split(",") if a.rows else list(rows(a.smoke))
     sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                "domain": domain_row, "compile": compile_row}
+                "domain": domain_row, "qlora": qlora_row, "compile": compile_row}
     for row in chosen:
         # the smoke run (the test suite's) stays in this process: it proves the code runs, times nothing
         runs = ([worker(row, reps, True)] if a.smoke else

@@ -219,10 +219,11 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("lora", {"r": 4, "bias": "all"}), ("serial_adapter", {}), ("parallel_adapter", {}),
     ("lora", {"r": 4, "train": ["fc"]}), ("ia3", {}),
 ]
+# plain LoRA on every backend and scheme; the other methods on each backend's NF4 (int8 differs in storage only)
+CASES = [(b, s, m, o) for (b, s) in COMBOS for m, o in METHODS if (m, o) == METHODS[0] or s == "nf4"]
 
 
-@pytest.mark.parametrize(("backend", "scheme"), COMBOS)
-@pytest.mark.parametrize(("method", "options"), METHODS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("backend", "scheme", "method", "options"), CASES, ids=lambda v: str(v))
 def test_adapters_train_beside_quantized_layers_which_never_change(backend: str, scheme: str, method: str,
                                                                   options: dict[str, Any]) -> None:
     model = quantized(backend, scheme)
@@ -444,3 +445,41 @@ def test_qlora_on_a_llama_shaped_transformer(backend: str, tmp_path: Path) -> No
     path = peftkit.save(m, tmp_path / "qlora.safetensors")
     with pytest.warns(QuantizationWarning):
         peftkit.load(float_model, path)
+
+
+def test_a_model_transformers_loads_with_a_bitsandbytes_config(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    for options, kind in (({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                            "bnb_4bit_compute_dtype": torch.float32}, "bnb-nf4"), ({"load_in_8bit": True}, "bnb-int8")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "model", quantization_config=transformers.BitsAndBytesConfig(**options), device_map="cpu").eval()
+        y0 = model(ids).logits.detach()
+        m = peftkit.wrap(model, "lora", r=4, targets=["q_proj", "v_proj"])
+        torch.testing.assert_close(m(ids).logits, y0, atol=1e-5, rtol=1e-5)
+        m(ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+        path = peftkit.save(m, tmp_path / f"{kind}.safetensors")
+        assert set(peftkit.read_header(path).backbone["quantization"].values()) == {kind}
+        with pytest.warns(QuantizationWarning):
+            peftkit.load(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model"), path)
+
+
+def test_a_model_quantized_with_torchao_directly() -> None:
+    torchao = pytest.importorskip("torchao")
+    model = net()
+    torchao.quantization.quantize_(model, torchao.quantization.Int8WeightOnlyConfig())  # every Linear, fc too
+    assert quantization_of(model.fc.weight) == "int8"
+    y0 = model(X).detach()
+    m = peftkit.wrap(model, "lora", r=2, head=3)  # a fresh float head replaces the quantized output layer
+    assert m(X).shape == (6, 3)
+    m.unwrap()
+    m = peftkit.wrap(model, "lora", r=2)
+    torch.testing.assert_close(m(X), y0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeError, match="quantized"):
+        m.merge()

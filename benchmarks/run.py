@@ -428,6 +428,73 @@ def dora_row(smoke: bool) -> dict[str, Any]:
     return out
 
 
+MIXED_COUNTS = (1, 2, 8, 32, 128)
+
+
+def mixed_row(smoke: bool) -> dict[str, Any]:
+    """Mixed-adapter batches (``model(x, adapter_names=[...])``), side by side in this process
+    (interleaved, median): a batch of 32 whose rows use 1, 2, 8, 32 or 128 LoRA adapters (held; at
+    most 32 can appear in 32 rows), against the same batch with one adapter (unmerged, which runs at
+    the backbone's cost) and against PEFT's ``adapter_names`` on the same batch (inference)."""
+    import peft
+    import torch
+
+    torch.set_num_threads(2)
+    out: dict[str, Any] = {}
+    reps, counts, size = (1, (1, 2), 4) if smoke else (5, MIXED_COUNTS, 32)
+    for row in ("MiniLM all Linear", "resnet18 all convs"):
+        factory, kw, peft_cfg = rows(smoke)[row]
+        build, inputs, loss_fn = factory()
+        assert peft_cfg is not None
+        kw = {k: v for k, v in kw.items() if k != "train"}  # LoRA alone: the heads are not what is measured
+        peft_cfg = {k: v for k, v in peft_cfg.items() if k != "modules_to_save"}
+        inputs = {k: v.repeat((size + v.shape[0] - 1) // v.shape[0], *([1] * (v.dim() - 1)))[:size]
+                  for k, v in inputs.items()}
+        m, p = _peftkit(build, {**kw, "name": "a0"}), _peft(build, peft_cfg)
+        g = torch.Generator().manual_seed(0)
+        cfg = dict(peft_cfg)
+        if cfg["target_modules"] == "CONVS":
+            cfg["target_modules"] = _vision_convs(build())
+        for i in range(1, max(counts)):
+            m.add_adapter(f"a{i}", kw["method"], **{k: v for k, v in kw.items() if k != "method"})
+            p.add_adapter(f"a{i}", peft.LoraConfig(**cfg))
+        with torch.no_grad():  # every adapter different (LoRA starts with B = 0)
+            for t in [*m.peft_adapters.parameters(), *(t for n, t in p.named_parameters() if "lora_" in n)]:
+                t.normal_(0, 0.02, generator=g)
+        m.set_adapter("a0")
+        m.eval()
+        p.eval()
+        batch_names = {n: [f"a{i % n}" for i in range(size)] for n in counts}
+        x = {k: v for k, v in inputs.items() if k not in ("labels", "y")}
+
+        def infer(model: Any, names: list[str] | None = None, x: dict[str, Any] = x) -> Callable[[], None]:
+            def run() -> None:
+                with torch.no_grad():
+                    extra = {} if names is None else {"adapter_names": names}
+                    model(x["x"], **extra) if "x" in x else model(**x, **extra)
+            return run
+
+        variants = {"one adapter": infer(m), "peft one adapter": infer(p)}
+        for n in counts:
+            variants[f"mixed {n}"] = infer(m, batch_names[n])
+            variants[f"peft mixed {n}"] = infer(p, [f"a{i % n}" if i % n else "default" for i in range(size)])
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        names = list(variants)
+        for rep in range(reps + (0 if smoke else 1)):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                start = time.perf_counter()
+                variants[name]()
+                if smoke or rep >= 1:
+                    times[name].append(time.perf_counter() - start)
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        out[f"{row}: ms one adapter unmerged (peftkit / peft)"] = f"{med['one adapter']:.0f} / {med['peft one adapter']:.0f}"
+        for n in counts:
+            out[f"{row}: {n} adapters: ms (peftkit / peft)"] = f"{med[f'mixed {n}']:.0f} / {med[f'peft mixed {n}']:.0f}"
+            out[f"{row}: {n} adapters: x one adapter"] = med[f"mixed {n}"] / med["one adapter"]
+            out[f"{row}: {n} adapters: x peft"] = med[f"mixed {n}"] / med[f"peft mixed {n}"]
+    return out
+
+
 def methods_row(smoke: bool) -> dict[str, Any]:
     """Every built-in method on real-data transfer tasks (benchmarks/methods.py, which also writes
     METHODS.md when run on its own): accuracy and trainable share per method and task."""
@@ -546,7 +613,7 @@ def report(results: dict[str, Any]) -> str:
             f"{mem.get('peftkit', float('nan')):.0f} / {mem.get('peft', float('nan')):.0f} |")
     for note in results.get("notes", []):  # e.g. a row measured again, and why
         lines += ["", f"Note: {note}"]
-    for section in ("io", "scale", "fish", "dora", "methods", "domain", "qlora", "compile"):
+    for section in ("io", "scale", "fish", "dora", "mixed", "methods", "domain", "qlora", "compile"):
         if section in results:
             lines += ["", f"## {section}", ""] + [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                                                   for k, v in results[section].items()]
@@ -573,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.section:
         print(json.dumps({"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                          "domain": domain_row, "qlora": qlora_row, "compile": compile_row}[a.section](a.smoke)))
+                          "domain": domain_row, "qlora": qlora_row, "mixed": mixed_row, "compile": compile_row}[a.section](a.smoke)))
         return 0
     smoke = ["--smoke"] if a.smoke else []
     procs, reps = (1, 1) if a.smoke else (a.processes, a.reps)
@@ -583,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": {}}
     chosen = a.rows.split(",") if a.rows else list(rows(a.smoke))
     sections = {"io": io_row, "scale": scale_row, "fish": fish_row, "dora": dora_row, "methods": methods_row,
-                "domain": domain_row, "qlora": qlora_row, "compile": compile_row}
+                "domain": domain_row, "qlora": qlora_row, "mixed": mixed_row, "compile": compile_row}
     for row in chosen:
         # the smoke run (the test suite's) stays in this process: it proves the code runs, times nothing
         runs = ([worker(row, reps, True)] if a.smoke else

@@ -11,6 +11,7 @@ class's own except on the calls the adapter takes; it is removed with the hooks.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import TargetError
 from .method import Adapter, add_delta, detach_delta
+from .rows import Routing, put_rows, row_error, take_rows
 from .targets import host_of
 from .transaction import Journal
 
@@ -34,10 +37,24 @@ class RuntimeState:
     active: list[str] = field(default_factory=list)
     disabled: bool = False
     merged: set[str] = field(default_factory=set)
+    routing: Routing | None = None  # a mixed-adapter batch: which rows each adapter serves
 
     def live(self, name: str, persistent: bool = False) -> bool:
         """Whether an adapter applies now (a persistent entry, e.g. multi-task heads, also when merged)."""
         return not self.disabled and name in self.active and (persistent or name not in self.merged)
+
+    @contextlib.contextmanager
+    def scope(self, active: list[str] | None = None, routing: Routing | None = None,
+              disabled: bool | None = None) -> Iterator[None]:
+        """For one call: these active adapters, this routing (none: every row alike), this switch."""
+        before = self.active, self.routing, self.disabled
+        self.active = self.active if active is None else active
+        self.routing = routing
+        self.disabled = self.disabled if disabled is None else disabled
+        try:
+            yield
+        finally:
+            self.active, self.routing, self.disabled = before
 
 
 class Form(enum.Enum):
@@ -220,9 +237,10 @@ def release(slots: dict[str, Slot]) -> None:
 class Slot:
     """The hooks on one host module and the entries they apply."""
 
-    def __init__(self, host: nn.Module, state: RuntimeState) -> None:
+    def __init__(self, host: nn.Module, state: RuntimeState, path: str = "") -> None:
         self.host = host
         self.state = state
+        self.path = path
         self.entries: list[Entry] = []
         self.fired = False
         self.cache = True  # keep no-grad substitutions (W + delta) until an adapter or base tensor changes
@@ -340,6 +358,8 @@ class Slot:
         self.fired = True
         frame = Frame()
         self._frames.append(frame)
+        if self.state.routing is not None:  # a mixed batch: the host runs as it is, _mixed adds the adapters
+            return
         entries = self._live()
         if not entries:
             return
@@ -356,6 +376,8 @@ class Slot:
             frame.substituted.put(*tensor_slot(host, name), tensor)
 
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if self.state.routing is not None:
+            return self._mixed(self.state.routing, host, args, kwargs, output)
         for e, form in self._frames[-1].after if self._frames else ():
             if form is Form.TRANSFORM:
                 output = e.adapter.transform(e.target, args, kwargs, output)
@@ -366,6 +388,73 @@ class Slot:
     def _restore(self, host: nn.Module, args: Any, output: Any) -> None:
         if self._frames:
             self._frames.pop().substituted.undo()
+
+    def _mixed(self, routing: Routing, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               output: Any) -> Any:
+        """A mixed-adapter batch: the host ran once on every row; each adapter now acts on its own
+        rows. Output-space adapters transform those rows (all adapters of one class in one batched
+        computation where the class offers :meth:`~peftkit.Adapter.transform_rows`); an adapter that
+        can only act on weights (a sparse delta, a ``train`` copy, a packed attention weight) runs the
+        host again on its rows alone, as a call with that adapter active would."""
+        groups: dict[str, list[Entry]] = {}
+        for e in self.entries:
+            if e.adapter_name in routing.names and (e.persistent or e.adapter_name not in self.state.merged):
+                groups.setdefault(e.adapter_name, []).append(e)
+        if not groups:
+            return output
+        where = f"the module {self.path or type(host).__name__!r} ({type(host).__name__})"
+        for m in {host, *(e.target for entries in groups.values() for e in entries)}:
+            if getattr(m, "batch_first", True) is False and not isinstance(m, nn.RNNBase):
+                raise row_error(where, "batch_first=False (the batch in the second dimension)", routing.size)
+        device = _device_of(output, args, kwargs)
+        batched: dict[type[Adapter], list[tuple[str, AdapterEntry]]] = {}
+        rerun: list[str] = []
+        transform: list[str] = []
+        for name, entries in groups.items():
+            if not all(isinstance(e, AdapterEntry) and e.adapter.has_transform and not e.prefix and e.mapping is None
+                       for e in entries):
+                rerun.append(name)
+            elif len(entries) == 1 and isinstance(entries[0], AdapterEntry) and entries[0].adapter.has_transform_rows:
+                batched.setdefault(type(entries[0].adapter), []).append((name, entries[0]))
+            else:
+                transform.append(name)
+        pieces: list[tuple[torch.Tensor, Any]] = []
+        if batched:  # the batched forms index rows themselves: check the call holds one per row first
+            take_rows((args, kwargs), None, routing.size, where, host)
+            take_rows((output,), None, routing.size, where, host)
+        for cls, members in batched.items():
+            lut = torch.full((len(routing.names) + 1,), -1, dtype=torch.long)  # routing position -> members', -1 last
+            for j, (name, _) in enumerate(members):
+                lut[routing.names.index(name)] = j
+            index = lut.to(device)[routing.index_on(device)]
+            done = cls.transform_rows(host, args, kwargs, output, [e.adapter for _, e in members], index)
+            if done is NotImplemented:
+                transform += [name for name, _ in members]
+            else:
+                output = done
+        for name in transform:
+            rows = routing.rows(name, device)
+            sub_args, sub_kwargs = take_rows((args, kwargs), rows, routing.size, where, host)
+            (sub,) = take_rows((output,), rows, routing.size, where, host)
+            for e in groups[name]:
+                assert isinstance(e, AdapterEntry)
+                sub = e.adapter.transform(e.target, sub_args, sub_kwargs, sub)
+            pieces.append((rows, sub))
+        for name in rerun:
+            rows = routing.rows(name, device)
+            sub_args, sub_kwargs = take_rows((args, kwargs), rows, routing.size, where, host)
+            with self.state.scope(active=[name], routing=None):
+                pieces.append((rows, host(*sub_args, **sub_kwargs)))
+        return put_rows(output, pieces, routing.size, where, host)
+
+
+def _device_of(*trees: Any) -> torch.device:
+    """The device of the first tensor found in ``trees`` (a call's output, args, kwargs)."""
+    for tree in trees:
+        for leaf in pytree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                return leaf.device
+    return torch.device("cpu")
 
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:

@@ -54,11 +54,12 @@ def _would_pack(encoder: nn.TransformerEncoder, src: Any, mask: Any, padding: An
 
 class NestedEncoderGuard:
     """Hooks on one ``nn.TransformerEncoder`` that keep its packed (nested-tensor) semantics on calls
-    where adapters train inside it (see the module docstring).
+    where adapters train inside it, or where a mixed-adapter batch runs through it (see the module docstring).
 
     Args:
         encoder: The encoder.
-        trains_inside: Whether an adapter trains inside the encoder on this call (autograd is on).
+        trains_inside: Whether the packed path cannot serve this call: an adapter trains inside the
+            encoder (autograd is on), or acts on some rows only (a mixed-adapter batch).
     """
 
     def __init__(self, encoder: nn.TransformerEncoder, trains_inside: Callable[[], bool]) -> None:
@@ -85,7 +86,7 @@ class NestedEncoderGuard:
     def _pre(self, encoder: nn.TransformerEncoder, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         src, mask, padding = _call(args, kwargs)
         pads, switched = None, Journal()
-        if torch.is_grad_enabled() and _would_pack(self.encoder, src, mask, padding) and self.trains_inside():
+        if _would_pack(self.encoder, src, mask, padding) and self.trains_inside():
             pads = padding if padding.dtype == torch.bool else padding != 0  # (batch, length)
             switched.set_attribute(encoder, "use_nested_tensor", False)  # undone after the call (also when it raises)
         self._frames.append((pads, switched))

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from .combination import Combination
 from .errors import ConfigError, TargetError
 from .targets import output_layers
 
@@ -168,6 +169,26 @@ class Adapter(nn.Module):
         others run the target's own forward with the weight-space form). Default: every call."""
         return True
 
+    @classmethod
+    def transform_rows(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
+                       adapters: Sequence[Adapter], index: torch.Tensor) -> Any:
+        """Mixed-adapter batches (optional): ``output`` with ``adapters[index[i]]``'s :meth:`transform`
+        applied to row ``i`` of the batch, and rows whose ``index`` is -1 left as they are, in one
+        batched computation (LoRA: each row's factors gathered, two batched products), so the cost
+        does not grow with the number of adapters. ``adapters`` are of this class, on one target;
+        return ``NotImplemented`` for a combination it does not batch, and the core runs
+        :meth:`transform` on each adapter's rows instead (the default).
+
+        Args:
+            module: The target module (frozen), which ran once on the whole batch.
+            args: Positional inputs the target was called with (the whole batch).
+            kwargs: Keyword inputs the target was called with.
+            output: What the target returned (the whole batch; rows in the first dimension).
+            adapters: The adapters in this batch, each on its own rows.
+            index: (rows,) long, on the output's device: each row's position in ``adapters``, or -1.
+        """
+        return NotImplemented
+
     def file_state(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter file stores for this adapter (default: its ``state_dict()``). An
         adapter whose trained form differs from the form it ships in overrides this together with
@@ -195,6 +216,12 @@ class Adapter(nn.Module):
     def has_stand_in(self) -> bool:
         """Whether this adapter implements the stand-in form (:meth:`stand_in`)."""
         return type(self).stand_in is not Adapter.stand_in
+
+    @property
+    def has_transform_rows(self) -> bool:
+        """Whether this adapter's class batches mixed-adapter rows (:meth:`transform_rows`)."""
+        own: Any = getattr(type(self).transform_rows, "__func__", None)  # a classmethod: compare the functions
+        return own is not getattr(Adapter.transform_rows, "__func__", None)
 
     @property
     def has_delta(self) -> bool:
@@ -367,6 +394,29 @@ class Method(Generic[ConfigT]):
         modules (``last_layer``). Everything :meth:`build` needs beyond the config goes into the
         returned specs, which the adapter file keeps."""
         return Plan({p: {} for p in context.targets})
+
+    def combine(self, how: str, parts: Mapping[str, Sequence[tuple[float, Adapter]]], modules: Mapping[str, nn.Module],
+                *, rank: int | None, density: float, generator: torch.Generator) -> Combination:
+        """One adapter of this method from a weighted combination of several (optional; used by
+        :meth:`peftkit.AdaptedModel.combine`). Called on the first adapter's configured method,
+        without autograd.
+
+        Args:
+            how: One of :data:`peftkit.combination.HOWS` (already checked); the formulas on dense
+                deltas are :func:`peftkit.combination.merge_deltas`.
+            parts: Target path -> ``(weight, adapter)`` for each combined adapter with a target
+                there (an adapter without one contributes nothing there).
+            modules: Target path -> the backbone's module.
+            rank: The rank asked for (``svd``, ``ties``, ``dare_*``), or None for the method's default.
+            density: The share of each delta ``ties`` keeps and ``dare_*`` keeps on average.
+            generator: Seeded, for ``dare_*``'s random drops.
+
+        Returns:
+            The combined adapter's options and values (a :class:`peftkit.combination.Combination`).
+            Raise :class:`~peftkit.errors.ConfigError` for a combination the method cannot express.
+        """
+        raise ConfigError(f"method {self.name!r} cannot combine adapters: its plugin does not implement "
+                          "Method.combine (the built-in lora does)")
 
     def build(self, path: str, module: nn.Module, spec: dict[str, Any]) -> Adapter:
         """Build the adapter for the target module at ``path``, on its device and dtype.

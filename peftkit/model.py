@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import inspect
@@ -12,12 +13,13 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import container, sharding
 from .attach import (
@@ -33,6 +35,7 @@ from .attach import (
     tensor_slot,
 )
 from .build import AdapterSet, Prepared, build, output_only, quantized_tensors
+from .combination import check_how
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
 from .files import read_adapter, read_swap
@@ -41,6 +44,7 @@ from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
 from .quantized import dequantize, float_class, is_quantized, quantization_of
+from .rows import BASE, routing
 from .targets import Selection, is_under, output_layers, tied_aliases
 from .transaction import Journal, deferred_interrupts, finish
 
@@ -157,11 +161,48 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone with the active adapters applied; same signature and outputs.
 
+        ``adapter_names=[...]`` (one adapter name per row of the batch, ``"__base__"`` for a row
+        without adapters) runs a mixed-adapter batch instead: the backbone runs once on every row,
+        and each adapter acts on its own rows only; each row's output equals running it alone with
+        its adapter active. Adapters train in a mixed batch when they are active
+        (``set_adapter([...])``), each from its own rows.
+
         Safe to call from several threads: calls run one at a time, and an adapter change made
         meanwhile (``hotswap``, ``set_adapter``, ``merge``, ...) waits for the running call, so a call
         sees one adapter state from start to end, never a mix."""
         with self._lock:
+            if "adapter_names" in kwargs and not self._backbone_takes("adapter_names"):
+                names = kwargs.pop("adapter_names")
+                if names is not None:
+                    with self._mixed_batch(names, args, kwargs):
+                        return self._forward(*args, **kwargs)
             return self._forward(*args, **kwargs)
+
+    def _backbone_takes(self, name: str) -> bool:
+        try:
+            return name in inspect.signature(self.base_model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _mixed_batch(self, names: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """The runtime state for one call with ``adapter_names``: checked, before anything runs."""
+        self._check_attached()
+        r = routing(names, self.adapter_names)
+        if self._state.merged:
+            raise MergeError(f"adapter_names needs unmerged adapters: {sorted(self._state.merged)} are merged into the "
+                             "weights, so every row would get them; unmerge() first")
+        if self._state.disabled:
+            raise ConfigError("adapter_names was given inside disable_adapters(), which runs the backbone alone; "
+                              "call the model outside it (or use '__base__' for the rows without adapters)")
+        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+        if first is not None and r.size not in first.shape:  # no dimension of the input could be the batch
+            raise ConfigError(f"adapter_names has {r.size} names for an input of shape {tuple(first.shape)}; give one "
+                              "name per row of the batch")
+        if not r.names:  # every row without adapters
+            return self._state.scope(disabled=True)
+        if len(r.names) == 1 and bool((r.index == 0).all()):  # one adapter for every row: an ordinary call
+            return self._state.scope(active=list(r.names))
+        return self._state.scope(routing=r)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_attached()
@@ -488,7 +529,7 @@ class AdaptedModel(nn.Module):
                             AdapterEntry(name, base.get_submodule(mods.heads_path), mods.heads, persistent=True)))
         for host, adapted, entry in entries:
             if host not in self._slots:
-                self._slots[host] = Slot(base.get_submodule(host), self._state)
+                self._slots[host] = Slot(base.get_submodule(host), self._state, host)
             # alive when any module reading its tensors runs (T5 never calls `shared`, only its aliases)
             self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
@@ -513,6 +554,68 @@ class AdaptedModel(nn.Module):
                     for n, rec in self._records.items() for p in rec.modules.parameters()])
             self._refresh()
             self._hold_frozen_norms()
+
+    def combine(self, weights: Mapping[str, float], name: str, how: str = "linear", *, rank: int | None = None,
+                density: float = 1.0, seed: int = 0) -> str:
+        """Add a new adapter (inactive) that is a weighted combination of adapters of one method.
+
+        Every ``how`` combines each adapter's whole change to each tensor (its delta, scale
+        included); see :mod:`peftkit.combination` for the formulas, which are PEFT's. The result is
+        an ordinary adapter of the same method: it trains, saves, loads, merges and exports like
+        any other, and the adapters it came from stay as they were.
+
+        Args:
+            weights: Adapter name -> weight; negative weights subtract a task (task negation).
+            name: The new adapter's name.
+            how: ``"linear"`` (the weighted sum, exact), ``"cat"`` (for LoRA the same exact sum, by
+                concatenating the factors: rank = the sum of the ranks), ``"svd"`` (the weighted sum
+                cut to ``rank``), ``"ties"``, ``"dare_linear"``, ``"dare_ties"``.
+            rank: The rank of the result for ``svd``, ``ties`` and ``dare_*`` (default: the method's,
+                for LoRA the largest rank combined).
+            density: The share of each delta that ``ties`` keeps (largest magnitudes) and ``dare_*``
+                keeps at random (the kept values rescaled by ``1 / density``).
+            seed: Seeds ``dare_*``'s random drops (the same seed gives the same adapter).
+
+        Returns:
+            ``name``.
+        """
+        with self._lock:
+            self._check_attached()
+            self._check_unsharded("combine adapters")
+            self._check_new_name(name)
+            check_how(how, density, rank)
+            if not isinstance(weights, Mapping) or not weights:
+                raise ConfigError(f"weights={weights!r} is invalid; expected adapter name -> weight, e.g. "
+                                  "{'a': 0.7, 'b': 0.3}")
+            for n, w in weights.items():
+                self.get_adapter(n)
+                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                    raise ConfigError(f"weights[{n!r}]={w!r} is invalid; expected a finite number (negative subtracts)")
+            held = [self._records[n] for n in weights]
+            methods = {h.method.name for h in held}
+            if len(methods) > 1:
+                raise ConfigError(f"combine needs adapters of one method; these are {sorted(methods)}")
+            whole = [h.name for h in held if h.modules.train_paths or h.modules.heads is not None]
+            if whole:
+                raise ConfigError(f"adapters {whole} train whole modules or heads (train=, head=, heads=), which have "
+                                  "no delta to combine; combine adapters without them")
+            parts: dict[str, list[tuple[float, Any]]] = {}
+            for w, h in zip(weights.values(), held, strict=True):
+                for path, adapter in h.modules.items():
+                    parts.setdefault(path, []).append((float(w), adapter))
+            modules = {p: self.base_model.get_submodule(p) for p in parts}
+            with torch.no_grad():
+                combined = held[0].method.combine(how, parts, modules, rank=rank, density=float(density),
+                                                  generator=torch.Generator().manual_seed(seed))
+            wanted = set(combined.values)
+            plan = make_plan(self.base_model, held[0].method.name, targets=lambda path, _: path in wanted,
+                             **combined.options)
+            if set(plan.targets) != wanted:
+                raise ConfigError(f"method {held[0].method.name!r} combined adapters on {sorted(wanted)[:3]}... but "
+                                  f"plans {sorted(plan.targets)[:3]}...; a bug in its combine()")
+            plan = dataclasses.replace(plan, values={p: {**plan.values.get(p, {}), **combined.values[p]} for p in wanted})
+            self.install(name, build(self.base_model, plan))
+            return name
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (unmerging it first if merged) and its hooks."""
@@ -867,12 +970,13 @@ def check_name(name: Any, source: Any = None) -> str:
         ConfigError: an invalid name given by the caller.
         AdapterFileError: an invalid name stored in the file ``source`` (pass ``name=`` to choose one).
     """
-    if isinstance(name, str) and len(name) <= 100 and _NAME.fullmatch(name):
+    if isinstance(name, str) and len(name) <= 100 and _NAME.fullmatch(name) and name != BASE:
         return name
     if source is not None:
         raise AdapterFileError(f"{str(source)!r} names its adapter {str(name)[:60]!r}, which is not a valid adapter "
                                "name; pass name=... to load it under another")
-    raise ConfigError(f"adapter name {name!r} is not valid; use letters, digits, '_' and '-'")
+    raise ConfigError(f"adapter name {name!r} is not valid; use letters, digits, '_' and '-' ({BASE!r} is "
+                      "adapter_names' word for no adapter)")
 
 
 def attach(model: nn.Module, name: str, prepared: Prepared) -> AdaptedModel:
@@ -932,16 +1036,20 @@ class _Forward:
 
 
 class _TrainsInside:
-    """Whether an adapter trains on this call inside the module at ``path`` (for a fast-path guard).
-    Holds the model's slot table, not the model, so that the backbone never keeps its wrapper alive."""
+    """Whether an adapter trains on this call inside the module at ``path`` (autograd on), or acts on
+    some rows only (a mixed-adapter batch, which needs every row's padded positions): for a fast-path
+    guard. Holds the model's slot table, not the model, so that the backbone never keeps its wrapper
+    alive."""
 
     def __init__(self, slots: dict[str, Slot], path: str) -> None:
         self.slots = slots
         self.path = path
 
     def __call__(self) -> bool:
-        return any(slot.trains_now() for host, slot in self.slots.items()
-                   if not self.path or is_under(host, [self.path]))
+        inside = [slot for host, slot in self.slots.items() if not self.path or is_under(host, [self.path])]
+        if any(slot.state.routing is not None for slot in inside[:1]):  # one state for the whole model
+            return True
+        return torch.is_grad_enabled() and any(slot.trains_now() for slot in inside)
 
 
 def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEncoderGuard]], base: nn.Module,

@@ -15,7 +15,7 @@ Estimate each parameter's Fisher information from squared per-sample gradients, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -24,6 +24,7 @@ from torch import nn
 
 import peftkit
 from peftkit.attach import TensorStamp
+from peftkit.combination import Combination, merge_deltas
 from peftkit.errors import ConfigError, TargetError
 from peftkit.fisher import candidate_names, fisher_mask
 from peftkit.method import Delta, SparseDelta
@@ -159,6 +160,38 @@ class Fish(peftkit.Method[FishConfig]):
                         "lengths": {leaf: code.numel() for leaf, code in codes.items()}}
             values[p] = {f"{leaf}_index": code for leaf, code in codes.items()}
         return peftkit.Plan(specs, values=values)
+
+    def combine(self, how: str, parts: Mapping[str, Sequence[tuple[float, peftkit.Adapter]]],
+                modules: Mapping[str, nn.Module], *, rank: int | None, density: float,
+                generator: torch.Generator) -> Combination:
+        """FISH from FISH: each parameter's deltas formed densely and combined (``rank`` does not
+        apply: sparse deltas have none); the result selects the union of the adapters' positions,
+        the only entries any combination can move."""
+        del rank  # a sparse delta is not rank-limited: svd is the exact sum here
+        mask: dict[str, torch.Tensor] = {}
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        for path, members in parts.items():
+            module = modules[path]
+            names = list(dict.fromkeys(n for _, a in members if isinstance(a, FishDelta) for n in a.names))
+            values[path] = {}
+            for n in names:
+                base = module.get_parameter(n)
+                dense, weights, union = [], [], torch.zeros(base.numel(), dtype=torch.bool)
+                for w, a in members:
+                    assert isinstance(a, FishDelta)
+                    if n in a.names:
+                        d = torch.zeros(base.numel(), dtype=torch.float32)
+                        positions = a.positions(n).cpu()
+                        d[positions] = getattr(a, f"{n}_delta").detach().float().cpu()
+                        union[positions] = True
+                        dense.append(d.view(base.shape))
+                        weights.append(w)
+                combined = merge_deltas(dense, weights, how, density, generator).flatten()
+                positions = torch.nonzero(union).flatten()
+                mask[f"{path}.{n}" if path else n] = positions
+                values[path][f"{n}_index"] = encode_gaps(positions)
+                values[path][f"{n}_delta"] = combined[positions].to(base.dtype)
+        return Combination({"mask": mask}, values)
 
     def _mask(self, context: peftkit.PlanContext) -> dict[str, torch.Tensor]:
         """Parameter name -> sorted flat positions to train."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
+from peftkit.combination import Combination, low_rank_factors, merge_deltas
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
 from peftkit.quantized import dequantize
@@ -492,6 +494,45 @@ class LinearLoRA(_LoRAAdapter):
             out = out * g if b is None else torch.addcmul(b * (1 - g), out, g)
         return out + self.lora_bias if self.lora_bias is not None else out
 
+    @classmethod
+    def transform_rows(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
+                       adapters: Sequence[peftkit.Adapter], index: torch.Tensor) -> Any:
+        """Every row's own LoRA in two batched products (BGMV, as Punica and S-LoRA serve LoRA): the
+        factors are stacked (zero-padded to the largest rank, the scale folded into B, zeros for rows
+        without an adapter) and gathered per row; the cost is one LoRA over the batch, whatever the
+        number of adapters. DoRA's per-output scale and the bias deltas are gathered the same way."""
+        x = args[0] if args else kwargs.get("input")
+        drops = {a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0 for a in adapters if isinstance(a, LinearLoRA)}
+        if (not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() < 2 or len(drops) != 1
+                or not all(isinstance(a, LinearLoRA) for a in adapters)):
+            return NotImplemented
+        loras = [a for a in adapters if isinstance(a, LinearLoRA)]
+        factors = [a.shipped_factors() for a in loras]
+        rank = max(A.shape[0] for A, _ in factors)
+        dtype = output.dtype
+        # (n + 1, rank, in) and (n + 1, out, rank): the last slot, all zeros, serves index -1
+        As = torch.stack([*(F.pad(A.to(dtype), (0, 0, 0, rank - A.shape[0])) for A, _ in factors),
+                          factors[0][0].new_zeros((rank, x.shape[-1]), dtype=dtype)])
+        Bs = torch.stack([*(F.pad(B.to(dtype) * a.scale, (0, rank - B.shape[1])) for a, (_, B) in zip(loras, factors, strict=True)),
+                          factors[0][1].new_zeros((output.shape[-1], rank), dtype=dtype)])
+        at = torch.where(index < 0, len(loras), index)
+        rows = x.shape[0]
+        h = torch.bmm(loras[0].dropout(x).to(dtype).reshape(rows, -1, x.shape[-1]), As[at].transpose(1, 2))
+        # the product added in the same pass over the output (a separate add costs a fifth of a MiniLM forward)
+        out = torch.baddbmm(output.reshape(rows, -1, output.shape[-1]), h, Bs[at].transpose(1, 2)).view(output.shape)
+        per_row = (rows,) + (1,) * (output.dim() - 2) + (output.shape[-1],)  # broadcasts over the middle dims
+        if any(a.lora_magnitude is not None for a in loras):
+            ones = output.new_ones(output.shape[-1])
+            g = torch.stack([*(a._dora_scale(module).to(dtype) if a.lora_magnitude is not None else ones for a in loras),
+                             ones])[at].view(per_row)
+            b = getattr(module, "bias", None)
+            out = out * g if b is None else torch.addcmul(b.to(dtype) * (1 - g), out, g)
+        if any(a.lora_bias is not None for a in loras):
+            zeros = output.new_zeros(output.shape[-1])
+            out = out + torch.stack([*(a.lora_bias.to(dtype) if a.lora_bias is not None else zeros for a in loras),
+                                     zeros])[at].view(per_row)
+        return out
+
     def folds_in_training(self, module: nn.Module) -> bool:
         return isinstance(self.dropout, nn.Identity)  # dropout on the adapter's input has no weight form
 
@@ -587,6 +628,43 @@ class ConvLoRA(_LoRAAdapter):
         g, self._folded_scale = self._folded_scale, None  # from delta(): the conv's weight is the folded one now
         return _DoraConvGradient.apply(output, x, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias,
                                        self.scale, conv, g, offset)
+
+    @classmethod
+    def transform_rows(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
+                       adapters: Sequence[peftkit.Adapter], index: torch.Tensor) -> Any:
+        """Every row's own LoRA at once: one grouped convolution over the rows with an adapter of
+        this class (row ``i`` is group ``i``, convolved with its adapter's ``A``, zero-padded to the
+        largest rank) and one batched product with each row's ``B`` added into the output. Ungrouped
+        convolutions with zero padding; plain LoRA (DoRA and bias deltas run per adapter). On
+        resnet18 at batch 32 with 8 adapters: 1.18x the one-adapter call, against 1.34x per adapter."""
+        x = args[0] if args else kwargs.get("input")
+        conv = _conv(module)
+        convs = [a for a in adapters if isinstance(a, ConvLoRA)]
+        drops = {a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0 for a in convs}
+        if (len(convs) != len(adapters) or len(drops) != 1 or conv.groups != 1 or conv.padding_mode != "zeros"
+                or not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.dim() != output.dim()
+                or any(a.lora_magnitude is not None or a.lora_bias is not None for a in convs)):
+            return NotImplemented
+        factors = [a.shipped_factors() for a in convs]
+        rank = max(A.shape[0] for A, _ in factors)
+        dtype = output.dtype
+        zero_a = factors[0][0].new_zeros((rank, *factors[0][0].shape[1:]), dtype=dtype)
+        As = torch.stack([torch.cat([A.to(dtype), zero_a[:rank - A.shape[0]]]) for A, _ in factors])  # (n, rank, in, k...)
+        Bs = torch.stack([F.pad(B.to(dtype).reshape(B.shape[0], -1) * a.scale, (0, rank - B.shape[1]))
+                          for a, (_, B) in zip(convs, factors, strict=True)])  # (n, out, rank)
+        nd = x.dim() - 2
+        sel = torch.nonzero(index >= 0).flatten()  # the rows with an adapter of this class: only those convolve
+        every = sel.numel() == x.shape[0]
+        at, xs = (index, x) if every else (index[sel], x.index_select(0, sel))
+        rows = xs.shape[0]
+        weight = As[at].reshape(rows * rank, *As.shape[2:])  # (rows * rank, in, k...)
+        h = _CONV_FN[nd](convs[0].dropout(xs).to(dtype).reshape(1, -1, *x.shape[2:]), weight, None, conv.stride,
+                         conv.padding, conv.dilation, rows)  # (1, rows * rank, *spatial_out)
+        if every:  # the product added in the same pass over the output
+            return torch.baddbmm(output.reshape(rows, output.shape[1], -1), Bs[at], h.reshape(rows, rank, -1)
+                                 ).view(output.shape)
+        delta = torch.bmm(Bs[at], h.reshape(rows, rank, -1)).view(rows, *output.shape[1:])
+        return output.index_add(0, sel, delta)
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
@@ -921,6 +999,25 @@ class BiasDelta(peftkit.Adapter):
         return {"bias": self.lora_bias}
 
 
+def _as_low_rank(adapter: peftkit.Adapter, module: nn.Module) -> LowRankDelta:
+    """A Linear, ungrouped conv or Embedding LoRA's whole change as ``scale * left @ right``."""
+    d = adapter._low_rank(module) if isinstance(adapter, ConvLoRA) else adapter._low_rank()  # type: ignore[operator]
+    assert isinstance(d, LowRankDelta)
+    return d
+
+
+def _from_low_rank(like: _LoRAAdapter, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``lora_A``/``lora_B`` values (``like``'s kind and layout, rank ``left.shape[1]``) whose
+    change at scale 1 is ``left @ right``: the inverse of each kind's ``_low_rank``."""
+    r = left.shape[1]
+    A, B = like.lora_A, like.lora_B
+    if isinstance(like, LinearLoRA) and like.transposed or isinstance(like, EmbeddingLoRA):
+        a, b = left.T, right.T  # the weight is (in, out): left = A^T, right = B^T
+    else:
+        a, b = right.reshape(r, *A.shape[1:]), left.reshape(B.shape[0], r, *B.shape[2:])
+    return {"lora_A": a.to(A.dtype).contiguous(), "lora_B": b.to(B.dtype).contiguous()}
+
+
 class LoRA(peftkit.Method[LoraConfig]):
     """Low-rank adaptation: W + (alpha/r) B A on Linear, Conv, Embedding, attention and LSTM/GRU/RNN layers."""
 
@@ -976,6 +1073,46 @@ class LoRA(peftkit.Method[LoraConfig]):
         return type(self)(replace(c, r=2 * c.r, alpha=c.alpha * factor, init="kaiming",
                                   rank_pattern={k: 2 * v for k, v in c.rank_pattern.items()},
                                   alpha_pattern={k: v * factor for k, v in c.alpha_pattern.items()}))
+
+    def combine(self, how: str, parts: Mapping[str, Sequence[tuple[float, peftkit.Adapter]]],
+                modules: Mapping[str, nn.Module], *, rank: int | None, density: float,
+                generator: torch.Generator) -> Combination:
+        """LoRA from LoRAs: ``linear`` and ``cat`` concatenate the factors (``[A_1; A_2]``,
+        ``[w_1 s_1 B_1, w_2 s_2 B_2]``: the exact weighted sum, rank the sum of the ranks);
+        ``svd``, ``ties`` and ``dare_*`` form each target's combined delta densely and keep its best
+        rank-``rank`` approximation (default: the largest rank combined). Every target gets the
+        largest rank of the result (zero-padded) and scale 1. On Linear (and Hugging Face Conv1D),
+        ungrouped convolution and Embedding targets; plain LoRA (DoRA's magnitudes and bias deltas do
+        not add up)."""
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for path, members in parts.items():
+            for _, a in members:
+                if not isinstance(a, (LinearLoRA, ConvLoRA, EmbeddingLoRA)) or (
+                        isinstance(a, ConvLoRA) and _conv(modules[path]).groups != 1):
+                    raise ConfigError(f"lora cannot combine its adapters on {path!r} ({type(modules[path]).__name__}): "
+                                      "combine works on Linear, ungrouped convolution and Embedding targets")
+                if a.lora_magnitude is not None or getattr(a, "lora_bias", None) is not None:
+                    raise ConfigError(f"lora cannot combine DoRA adapters or bias deltas (on {path!r}): their "
+                                      "magnitudes and biases do not add up; combine plain LoRA adapters")
+            lows = [(w, _as_low_rank(a, modules[path])) for w, a in members]
+            if how in ("linear", "cat"):
+                factors[path] = (torch.cat([(w * d.scale) * d.left.float() for w, d in lows], 1),
+                                 torch.cat([d.right.float() for _, d in lows], 0))
+            else:
+                dense = merge_deltas([d.dense() for _, d in lows], [w for w, _ in lows], how, density, generator)
+                factors[path] = low_rank_factors(dense, rank or max(d.left.shape[1] for _, d in lows))
+        r = max(left.shape[1] for left, _ in factors.values())
+        values = {}
+        for path, (left, right) in factors.items():
+            like = parts[path][0][1]
+            assert isinstance(like, _LoRAAdapter)  # checked above
+            pad = r - left.shape[1]
+            left, right = F.pad(left, (0, pad)), F.pad(right, (0, 0, 0, pad))
+            values[path] = _from_low_rank(like, left, right)
+        # a Linear LoRA in (in, out) layout on a module that is not Hugging Face's Conv1D came from fan_in_fan_out
+        flipped = any(isinstance(a, LinearLoRA) and a.transposed and not _is_hf_conv1d(modules[p])
+                      for p, members in parts.items() for _, a in members)
+        return Combination({"r": r, "alpha": float(r), "fan_in_fan_out": flipped}, values)
 
     def _pick(self, pattern: dict[str, Any], path: str, default: Any) -> Any:
         for key, value in pattern.items():

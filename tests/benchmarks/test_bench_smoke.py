@@ -38,5 +38,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             for v in ("source only", "dann", "coral", "mmd", "target labels")} <= set(results["domain"])
     assert {f"{v}: step s" for v in ("bf16", "nf4 torchao", "nf4 bitsandbytes", "peft nf4 bitsandbytes")} <= set(
         results["qlora"])
+    assert {f"{row}: {n} adapters: x peft" for row in ("MiniLM all Linear", "resnet18 all convs") for n in (1, 2)} <= set(
+        results["mixed"])
     assert "| MiniLM q,v |" in (tmp_path / "RESULTS.md").read_text()
     assert _harness().memory("MiniLM q,v", "peftkit", smoke=True) > 0  # the memory probe, once, in-process

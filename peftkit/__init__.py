@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import distributed, errors
+from .composition import Average, Parallel, Stack
 from .domain import (
     DomainAdaptation,
     GradientReversal,
@@ -58,6 +59,7 @@ __all__ = [
     "AdaptedModel",
     "Adapter",
     "AdapterHeader",
+    "Average",
     "DomainAdaptation",
     "GradientReversal",
     "Format",
@@ -65,8 +67,10 @@ __all__ = [
     "Method",
     "MethodInfo",
     "Plan",
+    "Parallel",
     "PlanContext",
     "QuantizationReport",
+    "Stack",
     "anchored_loss",
     "augment_features",
     "coral_loss",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import TargetError
-from .method import Adapter, add_delta, detach_delta
+from .method import Adapter, add_delta, detach_delta, scale_delta
 from .rows import Routing, put_rows, row_error, take_rows
 from .targets import host_of
 from .transaction import Journal
@@ -38,6 +38,8 @@ class RuntimeState:
     disabled: bool = False
     merged: set[str] = field(default_factory=set)
     routing: Routing | None = None  # a mixed-adapter batch: which rows each adapter serves
+    weights: dict[str, float] | None = None  # peftkit.Average: each active adapter's change weighted
+    parallel: tuple[str, ...] | None = None  # peftkit.Parallel: one output per branch
 
     def live(self, name: str, persistent: bool = False) -> bool:
         """Whether an adapter applies now (a persistent entry, e.g. multi-task heads, also when merged)."""
@@ -47,14 +49,15 @@ class RuntimeState:
     def scope(self, active: list[str] | None = None, routing: Routing | None = None,
               disabled: bool | None = None) -> Iterator[None]:
         """For one call: these active adapters, this routing (none: every row alike), this switch."""
-        before = self.active, self.routing, self.disabled
-        self.active = self.active if active is None else active
+        before = self.active, self.routing, self.disabled, self.weights, self.parallel
+        if active is not None:  # these adapters, plainly: no composition
+            self.active, self.weights, self.parallel = active, None, None
         self.routing = routing
         self.disabled = self.disabled if disabled is None else disabled
         try:
             yield
         finally:
-            self.active, self.routing, self.disabled = before
+            self.active, self.routing, self.disabled, self.weights, self.parallel = before
 
 
 class Form(enum.Enum):
@@ -300,12 +303,14 @@ class Slot:
                 tensors = dict(replacement_tensors(e.copy))
                 subs.update(tensors if e.mapping is None else {h: tensors[c] for h, c in e.mapping.items()})
                 continue
-            form = forms[i] if forms is not None and forms[i] is not None else e.form(grad)
+            form = forms[i] if forms is not None and forms[i] is not None else self._form(e, grad)
             if form is Form.TRANSFORM:
                 continue
             with torch.set_grad_enabled(grad and form is Form.DELTA):
                 deltas = e.adapter.delta(e.target)
+            weight = self.state.weights.get(e.adapter_name, 1.0) if self.state.weights else 1.0
             for name, d in (deltas or {}).items():
+                d = d if weight == 1.0 else scale_delta(d, weight)
                 keys = [e.prefix + name] if e.mapping is None else [h for h, t in e.mapping.items() if t == name]
                 for key in keys:
                     base = subs[key] if key in subs else _get(self.host, key)
@@ -352,7 +357,19 @@ class Slot:
             self._frames.pop().substituted.undo()
 
     def _live(self) -> list[Entry]:
-        return [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]
+        """The entries that apply now, in the order of the active adapters (a Stack's order)."""
+        live = [e for e in self.entries if self.state.live(e.adapter_name, e.persistent)]
+        if len({e.adapter_name for e in live}) > 1:
+            order = {n: i for i, n in enumerate(self.state.active)}
+            live.sort(key=lambda e: order.get(e.adapter_name, len(order)))  # stable: an adapter's own order stays
+        return live
+
+    def _form(self, e: AdapterEntry, grad: bool) -> Form:
+        """:meth:`AdapterEntry.form`, except under :class:`peftkit.Average`: each adapter's change is
+        then weighted, in output space where it has that form (no fold: its gradient is unweighted)."""
+        if not self.state.weights:
+            return e.form(grad)
+        return Form.TRANSFORM if e.adapter.has_transform and not e.prefix and e.mapping is None else Form.DELTA
 
     def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.fired = True
@@ -364,11 +381,11 @@ class Slot:
         if not entries:
             return
         grad = torch.is_grad_enabled()
-        if self._forward_installed and host.__dict__.get("forward") == self._forward:
+        if self._forward_installed and host.__dict__.get("forward") == self._forward and not self.state.weights:
             frame.stand_in = next((e for e in entries if isinstance(e, AdapterEntry) and e.stands_in(grad, args, kwargs)),
                                   None)
             entries = [e for e in entries if e is not frame.stand_in]  # it applies its own delta
-        forms = [e.form(grad) if isinstance(e, AdapterEntry) else None for e in entries]  # once per call, for both hooks
+        forms = [self._form(e, grad) if isinstance(e, AdapterEntry) else None for e in entries]  # once per call, for both hooks
         subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad, forms)
         frame.after = [(e, f) for e, f in zip(entries, forms, strict=True)
                        if isinstance(e, AdapterEntry) and f in (Form.TRANSFORM, Form.FOLD)]
@@ -378,6 +395,10 @@ class Slot:
     def _post(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if self.state.routing is not None:
             return self._mixed(self.state.routing, host, args, kwargs, output)
+        if self.state.weights and self._frames:  # Average: every adapter's change, from the same output, weighted
+            changes = [(self.state.weights.get(e.adapter_name, 1.0), e.adapter.transform(e.target, args, kwargs, output))
+                       for e, form in self._frames[-1].after if form is Form.TRANSFORM]
+            return _weighted_changes(output, changes)
         for e, form in self._frames[-1].after if self._frames else ():
             if form is Form.TRANSFORM:
                 output = e.adapter.transform(e.target, args, kwargs, output)
@@ -446,6 +467,21 @@ class Slot:
             with self.state.scope(active=[name], routing=None):
                 pieces.append((rows, host(*sub_args, **sub_kwargs)))
         return put_rows(output, pieces, routing.size, where, host)
+
+
+def _weighted_changes(output: Any, changes: list[tuple[float, Any]]) -> Any:
+    """``output + sum_i w_i (t_i - output)`` over every floating-point tensor of the outputs."""
+    if not changes:
+        return output
+    leaves, spec = pytree.tree_flatten(output)
+    transformed = [pytree.tree_flatten(t)[0] for _, t in changes]
+    out = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            for (w, _), t in zip(changes, transformed, strict=True):
+                leaf = leaf + w * (t[i] - leaves[i])
+        out.append(leaf)
+    return pytree.tree_unflatten(out, spec)
 
 
 def _device_of(*trees: Any) -> torch.device:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter", "Delta", "LowRankDelta", "Method", "Plan", "PlanContext", "SparseDelta", "add_delta", "detach_delta",
-    "retired_hooks",
+    "retired_hooks", "scale_delta",
 ]
 
 # A method's config type (its Config dataclass): class LoRA(Method[LoraConfig])
@@ -85,6 +85,15 @@ def add_delta(base: torch.Tensor, delta: Delta) -> torch.Tensor:
         left, right = delta.left.to(base.dtype), delta.right.to(base.dtype)
         return torch.addmm(base.reshape(rows, -1), left, right, alpha=delta.scale).view(base.shape)
     return base + delta.to(base.dtype)
+
+
+def scale_delta(delta: Delta, weight: float) -> Delta:
+    """``weight * delta`` in the delta's own form (differentiable)."""
+    if isinstance(delta, SparseDelta):
+        return SparseDelta(delta.index, delta.values * weight)
+    if isinstance(delta, LowRankDelta):
+        return LowRankDelta(delta.left, delta.right, delta.scale * weight)
+    return delta * weight
 
 
 def detach_delta(delta: Delta) -> Delta:

@@ -36,6 +36,7 @@ from .attach import (
 )
 from .build import AdapterSet, Prepared, build, output_only, quantized_tensors
 from .combination import check_how
+from .composition import Average, Parallel, Stack
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
 from .fastpaths import NestedEncoderGuard, packing_encoders
 from .files import read_adapter, read_swap
@@ -176,7 +177,30 @@ class AdaptedModel(nn.Module):
                 if names is not None:
                     with self._mixed_batch(names, args, kwargs):
                         return self._forward(*args, **kwargs)
+            if self._state.parallel is not None and not self._state.disabled:
+                return self._parallel(self._state.parallel, args, kwargs)
             return self._forward(*args, **kwargs)
+
+    def _parallel(self, branches: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """:class:`peftkit.Parallel`: each branch's output, by name. The modules that hold no branch's
+        adapter run once: each remembers its output for inputs it has seen (the same tensors,
+        unchanged since), so later branches reuse it until their adapters make the inputs differ."""
+        impure = {""}
+        for host, slot in self._slots.items():
+            if any(e.adapter_name in branches for e in slot.entries):
+                parts = host.split(".")
+                impure.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        shared = [m for p, m in self.base_model.named_modules() if p not in impure and p.rpartition(".")[0] in impure]
+        memos = [_Memo(m) for m in shared]
+        try:
+            out = {}
+            for b in branches:
+                with self._state.scope(active=[b]):
+                    out[b] = self._forward(*args, **kwargs)
+            return out
+        finally:
+            for memo in memos:
+                memo.remove()
 
     def _backbone_takes(self, name: str) -> bool:
         try:
@@ -353,6 +377,13 @@ class AdaptedModel(nn.Module):
     def active_adapters(self) -> list[str]:
         """Names of the adapters applied in the forward pass, in order."""
         return list(self._state.active)
+
+    @property
+    def composition(self) -> Stack | Average | Parallel | None:
+        """The composition given to :meth:`set_adapter`, or None for a plain list of adapters."""
+        if self._state.weights is not None:
+            return Average(self._state.weights)
+        return Parallel(*self._state.parallel) if self._state.parallel is not None else None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -539,17 +570,29 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(False)
         self._refresh()
 
-    def set_adapter(self, names: str | Sequence[str]) -> None:
+    def set_adapter(self, names: str | Sequence[str] | Average) -> None:
         """Make ``names`` the active adapters (applied in that order); they become trainable and the
-        others frozen."""
+        others frozen.
+
+        ``names`` may also be a composition (:mod:`peftkit.composition`): ``peftkit.Stack("lang",
+        "task")`` (in this order, as a list), ``peftkit.Average({"a": .5, "b": .5})`` (each adapter's
+        change weighted at every layer) or ``peftkit.Parallel("a", "b")`` (each call returns
+        ``{"a": output_a, "b": output_b}``, the modules no branch adapts run once)."""
         with self._lock, deferred_interrupts():
             self._check_attached()
-            wanted = [names] if isinstance(names, str) else list(names)
+            wanted = names.names if isinstance(names, Average) else [names] if isinstance(names, str) else list(names)
             for n in wanted:
                 self.get_adapter(n)
-            if self._state.merged - set(wanted):
+            if self._state.merged - set(wanted) or (self._state.merged and isinstance(names, (Average, Parallel))):
                 raise MergeError(f"adapters {sorted(self._state.merged)} are merged; unmerge() before changing the active set")
+            if isinstance(names, Average):
+                copies = [n for n in wanted if self._records[n].modules.train_paths]
+                if copies:
+                    raise ConfigError(f"peftkit.Average cannot weight adapters {copies}: they train whole modules (train=, "
+                                      "head=), which replace a module's weights rather than change them")
             self._state.active = wanted
+            self._state.weights = dict(names.weights) if isinstance(names, Average) else None
+            self._state.parallel = tuple(names) if isinstance(names, Parallel) else None
             finish([functools.partial(p.requires_grad_, n in wanted)
                     for n, rec in self._records.items() for p in rec.modules.parameters()])
             self._refresh()
@@ -789,6 +832,10 @@ class AdaptedModel(nn.Module):
     def _check_mergeable(self, names: list[str]) -> None:
         """Refuse, before anything changes, a merge that would change a tensor other modules share
         (tied weights) or put NaN/inf into the backbone."""
+        if self._state.weights is not None or self._state.parallel is not None:
+            raise MergeError(f"the active adapters are composed ({self.composition!r}), which merging them as they are "
+                             "would not keep; merge a weighted combination made with combine(...), or set_adapter a "
+                             "plain list first")
         readers = _readers(self.base_model)
         for n in names:
             applied = self._applied_at(n)
@@ -1001,6 +1048,7 @@ def ensure_unwrapped(model: nn.Module) -> None:
     Raises:
         ConfigError: ``model`` is an AdaptedModel, or one is attached to it (or to part of it).
     """
+    _release_pending()
     if isinstance(model, AdaptedModel):
         raise ConfigError("this model is already an AdaptedModel; add another adapter with add_adapter() or "
                           "load_adapter(), or unwrap() it first")
@@ -1035,6 +1083,47 @@ class _Forward:
         return type(model).forward(model, *args, **kwargs)
 
 
+class _Memo:
+    """A module's forward that returns its earlier output when called again with the same inputs
+    (the same tensor objects, none changed in place since, nor the output) and the same grad mode;
+    installed for one :class:`peftkit.Parallel` call. Inputs that are not tensors or plain values
+    (a cache object) are never matched."""
+
+    _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.inner = module.__dict__.get("forward")  # an instance-level forward that was there (accelerate's)
+        self.seen: dict[tuple[Any, ...], tuple[list[Any], list[int], Any, list[int]]] = {}
+        module.forward = self
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            if self.inner is None:
+                del self.module.__dict__["forward"]
+            else:
+                self.module.forward = self.inner
+        self.seen.clear()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key: tuple[Any, ...] | None = None
+        if all(isinstance(v, (torch.Tensor, *self._PLAIN)) for v in leaves):
+            key = (torch.is_grad_enabled(), str(spec), *(("t", id(v)) if isinstance(v, torch.Tensor) else v for v in leaves))
+            hit = self.seen.get(key)
+            if hit is not None:
+                ins, in_versions, out, out_versions = hit
+                outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if ([t._version for t in ins] == in_versions and [t._version for t in outs] == out_versions):
+                    return out
+        out = self.inner(*args, **kwargs) if self.inner is not None else type(self.module).forward(self.module, *args, **kwargs)
+        if key is not None:
+            ins = [v for v in leaves if isinstance(v, torch.Tensor)]  # kept alive: their ids stay theirs
+            outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.seen[key] = (ins, [t._version for t in ins], out, [t._version for t in outs])
+        return out
+
+
 class _TrainsInside:
     """Whether an adapter trains on this call inside the module at ``path`` (autograd on), or acts on
     some rows only (a mixed-adapter batch, which needs every row's padded positions): for a fast-path
@@ -1052,11 +1141,24 @@ class _TrainsInside:
         return torch.is_grad_enabled() and any(slot.trains_now() for slot in inside)
 
 
+_PENDING_RELEASES: list[Callable[[], None]] = []  # backbones whose AdaptedModel was collected inside a transform
+
+
+def _release_pending() -> None:
+    while _PENDING_RELEASES and torch._C._functorch.peek_interpreter_stack() is None:
+        _PENDING_RELEASES.pop()()
+
+
 def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEncoderGuard]], base: nn.Module,
                       grads: dict[str, bool], training: dict[str, bool], merged: bool = False) -> None:
     """Take every hook off the backbone and give back its ``requires_grad`` and training flags
     (``unwrap()``, or the AdaptedModel being garbage-collected). Tensors new since wrapping (a merged
-    fresh head) are trainable after a merge, frozen otherwise."""
+    fresh head) are trainable after a merge, frozen otherwise. Collected inside a ``torch.func``
+    transform (a Fisher estimate's vmap), where ``requires_grad_`` is refused, it waits for the next
+    wrap or load."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        _PENDING_RELEASES.append(functools.partial(_release_backbone, slots, guards, base, grads, training, merged))
+        return
     release(slots)
     for _, guard in guards:
         guard.remove()

@@ -106,6 +106,8 @@ class FishDelta(peftkit.Adapter):
         codes = getattr(self, f"{name}_index")
         if codes.is_meta:  # no values to decode: positions of the right count (shape inference on meta)
             return torch.empty(getattr(self, f"{name}_delta").shape, dtype=torch.int64, device="meta")
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform (another
+            return decode_gaps(codes).to(codes.device)  # FISH adapter's Fisher estimate): its tensors must not be kept
         cached = self._decoded.get(name)
         if cached is None or not cached[0].matches(codes):
             cached = (TensorStamp(codes), decode_gaps(codes).to(codes.device))

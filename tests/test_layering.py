@@ -17,7 +17,7 @@ PLUGINS = sorted((ROOT / "plugins").glob("*.py")) + [ROOT / "examples" / "peftki
 # selection -> plan -> build -> attach -> run; file <-> plan). docs/architecture.md describes each.
 LAYERS: list[set[str]] = [
     {"errors", "transaction", "hookspecs", "sharding", "quantized"},  # no peftkit imports
-    {"container", "targets", "fisher", "fastpaths", "rows", "combination"},  # bytes on disk; selection; Fisher information; fast paths; mixed batches; task arithmetic
+    {"container", "targets", "fisher", "fastpaths", "rows", "combination", "composition"},  # bytes on disk; selection; Fisher information; fast paths; mixed batches; task arithmetic
     {"method"},  # what a plugin implements: Method, Plan, Adapter, deltas
     {"plugins", "heads", "attach"},  # the registry; output heads; the runtime's hooks
     {"plan"},  # selection -> plan

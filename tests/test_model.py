@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -362,3 +363,24 @@ def test_inference_cache_follows_dtype_device_and_replaced_tensors(change: str) 
         expected = _reference(net, m, xin)
         tol = {"rtol": 2e-2, "atol": 2e-2} if dtype in (torch.bfloat16, torch.float16) else {}
         torch.testing.assert_close(out.to(expected.dtype), expected, **tol)
+
+
+def test_a_model_collected_inside_a_torch_func_transform_releases_its_backbone_later() -> None:
+    """A finalizer run inside torch.func (a Fisher estimate's vmap collecting garbage) cannot call
+    requires_grad_; the release waits for the next wrap instead of failing half-way."""
+    import gc
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    holder = [peftkit.wrap(net, "lora", r=2)]
+
+    def collect_inside(x: torch.Tensor) -> torch.Tensor:
+        holder.clear()
+        gc.collect()
+        return (x * 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exception in a finalizer is reported as a warning
+        torch.func.grad(collect_inside)(torch.randn(3))
+    m = peftkit.wrap(net, "lora", r=2)  # the pending release runs first: not "already wrapped"
+    m.unwrap()
+    assert all(p.requires_grad for p in net.parameters())

@@ -289,3 +289,18 @@ def test_fisher_progress_is_a_tqdm_bar_on_terminals_only(monkeypatch: pytest.Mon
     peftkit.fisher_information(net, [(x, torch.arange(6) % 3)], samples=6, progress=progress)
     text = err.getvalue()
     assert ("Fisher information" in text and "6/6" in text and "samples/s" in text) == drawn, text
+
+
+def test_a_second_fish_adapter_estimated_while_the_first_is_active() -> None:
+    """The second adapter's Fisher estimate runs the model under torch.func with the first FISH
+    adapter active: nothing from inside that transform may stay cached in the first (it crashed the
+    next forward: a position cache stamped with a functorch wrapper)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8), torch.randint(0, 4, (6,))
+    m = peftkit.wrap(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), "fish", keep=0.2,
+                     data=[(x, y)], name="a")
+    m.add_adapter("b", "fish", keep=0.2, data=[(x, y)])
+    with torch.no_grad():
+        ya = m(x)
+        m.set_adapter(["a", "b"])
+        assert m(x).shape == ya.shape

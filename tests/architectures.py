@@ -284,3 +284,14 @@ TORCH = [
 
 ARCHS = TRANSFORMERS + TORCHVISION + TIMM + TORCH
 BY_NAME = {a.name: a for a in ARCHS}
+
+
+def build_or_skip(name: str) -> tuple[Arch, nn.Module]:
+    """The architecture ``name`` and its model (seeded, eval mode); the test is skipped when the
+    library it comes from is not installed."""
+    import pytest
+
+    arch = BY_NAME[name]
+    if arch.family in ("transformers", "timm"):
+        pytest.importorskip(arch.family)
+    return arch, arch.build()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from architectures import BY_NAME, call, flatten
+from architectures import build_or_skip, call, flatten
 from torch import nn
 
 import peftkit
@@ -127,11 +127,8 @@ PARALLEL_ARCHS = ["bert", "gpt2", "resnet18", "timm_vit"]
 
 @pytest.mark.parametrize("arch", PARALLEL_ARCHS)
 def test_parallel_gives_each_branch_its_own_output(arch: str) -> None:
-    a = BY_NAME[arch]
-    if a.family in ("transformers", "timm"):
-        pytest.importorskip(a.family)
-    torch.manual_seed(0)
-    m = peftkit.wrap(a.build(), "lora", r=2, name="a")
+    a, model = build_or_skip(arch)
+    m = peftkit.wrap(model, "lora", r=2, name="a")
     m.add_adapter("b", "parallel_adapter")
     m = _moved(m, 0.05).eval()
     inputs = a.input()
@@ -178,9 +175,8 @@ def test_parallel_runs_the_shared_modules_once_and_heads_may_differ() -> None:
 def test_parallel_recomputes_what_a_branch_changed_in_place() -> None:
     """torchvision's ResNet adds its shortcut in place (``out += identity``) and its ReLUs are in
     place: a remembered output changed since is never reused, so both branches stay exact."""
-    a = BY_NAME["resnet18"]
-    torch.manual_seed(0)
-    m = peftkit.wrap(a.build(), "lora", r=2, targets=["layer4.1.conv2"], name="a")
+    a, model = build_or_skip("resnet18")
+    m = peftkit.wrap(model, "lora", r=2, targets=["layer4.1.conv2"], name="a")
     m.add_adapter("b", "lora", r=2, targets=["layer3.0.conv1"])
     m = _moved(m).eval()
     x = a.input()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from architectures import BY_NAME, call, flatten
+from architectures import build_or_skip, call, flatten
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -178,13 +178,10 @@ ARCHITECTURES = ["bert", "gpt2", "llama", "t5", "whisper", "resnet18", "swin", "
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_real_architectures(arch: str) -> None:
-    a = BY_NAME[arch]
-    if a.family in ("transformers", "timm"):
-        pytest.importorskip(a.family)
-    torch.manual_seed(0)
+    a, model = build_or_skip(arch)
     inputs = a.input()
     size = next(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)).shape[0]
-    m = peftkit.wrap(a.build(), "lora", r=2, name="a")
+    m = peftkit.wrap(model, "lora", r=2, name="a")
     m.add_adapter("b", "lora", r=3)
     m.add_adapter("c", "parallel_adapter")
     _randomise(m, 0.05)
@@ -196,12 +193,9 @@ def test_real_architectures(arch: str) -> None:
 @pytest.mark.parametrize("arch", ["resnet18", "conv1d", "bert"])
 def test_lora_alone_every_row_with_its_own_adapter(arch: str) -> None:
     """Every row with a LoRA adapter of its own (LoRA's batched form on every row, no base row)."""
-    a = BY_NAME[arch]
-    if a.family == "transformers":
-        pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    a, model = build_or_skip(arch)
     inputs = a.input()
-    m = peftkit.wrap(a.build(), "lora", r=2, name="a")
+    m = peftkit.wrap(model, "lora", r=2, name="a")
     m.add_adapter("b", "lora", r=5, alpha=3)
     _randomise(m, 0.05)
     with torch.no_grad():

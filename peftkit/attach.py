@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .method import Adapter, add_delta, detach_delta, scale_delta
 from .rows import Routing, put_rows, row_error, take_rows
 from .targets import host_of
@@ -40,6 +40,9 @@ class RuntimeState:
     routing: Routing | None = None  # a mixed-adapter batch: which rows each adapter serves
     weights: dict[str, float] | None = None  # peftkit.Average: each active adapter's change weighted
     parallel: tuple[str, ...] | None = None  # peftkit.Parallel: one output per branch
+    # False after a training forward with adapter_names: a recomputation during its backward (gradient
+    # checkpointing) would run without the rows' adapters, so the hooks refuse it
+    replayable: bool = True
 
     def live(self, name: str, persistent: bool = False) -> bool:
         """Whether an adapter applies now (a persistent entry, e.g. multi-task heads, also when merged)."""
@@ -47,8 +50,11 @@ class RuntimeState:
 
     @contextlib.contextmanager
     def scope(self, active: list[str] | None = None, routing: Routing | None = None,
-              disabled: bool | None = None) -> Iterator[None]:
-        """For one call: these active adapters, this routing (none: every row alike), this switch."""
+              disabled: bool | None = None, mixed: bool = False) -> Iterator[None]:
+        """For one call: these active adapters, this routing (none: every row alike), this switch.
+        ``mixed``: the call has ``adapter_names`` (with autograd on, its backward cannot recompute)."""
+        if torch.is_grad_enabled():
+            self.replayable = not mixed
         before = self.active, self.routing, self.disabled, self.weights, self.parallel
         if active is not None:  # these adapters, plainly: no composition
             self.active, self.weights, self.parallel = active, None, None
@@ -240,10 +246,11 @@ def release(slots: dict[str, Slot]) -> None:
 class Slot:
     """The hooks on one host module and the entries they apply."""
 
-    def __init__(self, host: nn.Module, state: RuntimeState, path: str = "") -> None:
+    def __init__(self, host: nn.Module, state: RuntimeState, path: str = "", batch_second: bool = False) -> None:
         self.host = host
         self.state = state
         self.path = path
+        self.batch_second = batch_second  # the host, a module in it or one around it is batch_first=False
         self.entries: list[Entry] = []
         self.fired = False
         self.cache = True  # keep no-grad substitutions (W + delta) until an adapter or base tensor changes
@@ -373,6 +380,12 @@ class Slot:
 
     def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.fired = True
+        if not self.state.replayable and self.state.routing is None and torch._C._current_graph_task_id() != -1:
+            raise ConfigError(
+                f"{self.path or type(host).__name__!r} runs again during the backward pass of a call with "
+                "adapter_names (gradient checkpointing recomputes it), where the rows' adapters are not known any "
+                "more. Turn gradient checkpointing off to train a mixed batch, or train each adapter's rows as "
+                "their own batch")
         frame = Frame()
         self._frames.append(frame)
         if self.state.routing is not None:  # a mixed batch: the host runs as it is, _mixed adds the adapters
@@ -424,9 +437,9 @@ class Slot:
         if not groups:
             return output
         where = f"the module {self.path or type(host).__name__!r} ({type(host).__name__})"
-        for m in {host, *(e.target for entries in groups.values() for e in entries)}:
-            if getattr(m, "batch_first", True) is False and not isinstance(m, nn.RNNBase):
-                raise row_error(where, "batch_first=False (the batch in the second dimension)", routing.size)
+        if self.batch_second:
+            raise row_error(where, "its batch in the second dimension (batch_first=False, in it or around it)",
+                            routing.size)
         device = _device_of(output, args, kwargs)
         batched: dict[type[Adapter], list[tuple[str, AdapterEntry]]] = {}
         rerun: list[str] = []
@@ -461,12 +474,28 @@ class Slot:
                 assert isinstance(e, AdapterEntry)
                 sub = e.adapter.transform(e.target, sub_args, sub_kwargs, sub)
             pieces.append((rows, sub))
+        if rerun:
+            _check_rerunnable((args, kwargs), where, rerun)
         for name in rerun:
             rows = routing.rows(name, device)
             sub_args, sub_kwargs = take_rows((args, kwargs), rows, routing.size, where, host)
             with self.state.scope(active=[name], routing=None):
                 pieces.append((rows, host(*sub_args, **sub_kwargs)))
         return put_rows(output, pieces, routing.size, where, host)
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Tensor)
+
+
+def _check_rerunnable(call: Any, where: str, names: list[str]) -> None:
+    """Refuse to run a host again on some rows when its call holds a stateful object (a key/value
+    cache, which the second call would update again)."""
+    odd = sorted({type(v).__name__ for v in pytree.tree_leaves(call) if not isinstance(v, _PLAIN)})
+    if odd:
+        raise ConfigError(
+            f"{where} would run again on the rows of {names} (whose adapters act on its weights), but its call holds "
+            f"{', '.join(odd)}, which a second call would update again (a key/value cache). Pass use_cache=False "
+            "with adapter_names, or run those adapters' rows as their own batch")
 
 
 def _weighted_changes(output: Any, changes: list[tuple[float, Any]]) -> Any:

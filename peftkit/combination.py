@@ -10,7 +10,7 @@ with weights ``w_i`` (negative ones negate a task):
 - ``ties`` (Yadav et al. 2023): keep each ``d_i``'s ``density`` share of largest magnitudes,
   weight them, elect each entry's sign from the sum, and average the weighted values that agree
   with it: ``sum_i t_i [sign t_i = s] / max(1, #{i: t_i != 0, sign t_i = s})`` with ``t_i = w_i
-  trim(d_i)`` and ``s = sign(sum_i t_i)``;
+  trim(d_i)`` and ``s = sign(sum_i t_i)`` (+1 where the sum is 0);
 - ``dare_linear`` (Yu et al. 2024): drop each entry of each ``d_i`` with probability ``1 - density``
   and rescale the kept ones by ``1 / density``, then ``sum_i w_i dare(d_i)``;
 - ``dare_ties``: DARE's random drop and rescale in place of TIES's trim, then TIES's sign election
@@ -44,8 +44,8 @@ class Combination:
     values: dict[str, dict[str, torch.Tensor]]
 
 
-def check_how(how: Any, density: Any, rank: Any) -> None:
-    """Refuse an unknown ``how`` or a bad ``density`` or ``rank``, naming the fix."""
+def check_how(how: Any, density: Any, rank: Any, seed: Any = 0) -> None:
+    """Refuse an unknown ``how`` or a bad ``density``, ``rank`` or ``seed``, naming the fix."""
     if how not in HOWS:
         raise ConfigError(f"how={how!r} is not a combination; use one of {', '.join(HOWS)}")
     if (not isinstance(density, (int, float)) or isinstance(density, bool) or not math.isfinite(density)
@@ -54,6 +54,8 @@ def check_how(how: Any, density: Any, rank: Any) -> None:
                           "e.g. 0.5")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ConfigError(f"rank={rank!r} is invalid; expected a positive integer, or None for the method's default")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed={seed!r} is invalid; expected an integer in [0, 2**63)")
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -88,7 +90,7 @@ def merge_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], how: 
         raise ConfigError(f"how={how!r} is not a combination; use one of {', '.join(HOWS)}")
     pruned = [trim(d, density) if how == "ties" else dare(d, density, g) for d in ds]
     t = torch.stack([w * p for w, p in zip(weights, pruned, strict=True)])
-    sign = torch.sign(t.sum(0))
+    sign = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # PEFT's election: a tie is positive
     agree = (torch.sign(t) == sign) & (t != 0)
     return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
 

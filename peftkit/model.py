@@ -8,6 +8,7 @@ import functools
 import gc
 import inspect
 import math
+import numbers
 import os
 import re
 import threading
@@ -45,7 +46,7 @@ from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
 from .quantized import dequantize, float_class, is_quantized, quantization_of
-from .rows import BASE, routing
+from .rows import BASE, batch_second, routing
 from .targets import Selection, is_under, output_layers, tied_aliases
 from .transaction import Journal, deferred_interrupts, finish
 
@@ -177,6 +178,8 @@ class AdaptedModel(nn.Module):
                 if names is not None:
                     with self._mixed_batch(names, args, kwargs):
                         return self._forward(*args, **kwargs)
+            if torch.is_grad_enabled():  # a backward of this call may recompute layers (gradient checkpointing)
+                self._state.replayable = True
             if self._state.parallel is not None and not self._state.disabled:
                 return self._parallel(self._state.parallel, args, kwargs)
             return self._forward(*args, **kwargs)
@@ -218,15 +221,21 @@ class AdaptedModel(nn.Module):
         if self._state.disabled:
             raise ConfigError("adapter_names was given inside disable_adapters(), which runs the backbone alone; "
                               "call the model outside it (or use '__base__' for the rows without adapters)")
-        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
-        if first is not None and r.size not in first.shape:  # no dimension of the input could be the batch
-            raise ConfigError(f"adapter_names has {r.size} names for an input of shape {tuple(first.shape)}; give one "
-                              "name per row of the batch")
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if tensors and r.size not in tensors[0].shape:  # no dimension of the input could be the batch
+            raise ConfigError(f"adapter_names has {r.size} names for an input of shape {tuple(tensors[0].shape)}; give "
+                              "one name per row of the batch")
+        if r.size > 1:
+            _check_rows_unambiguous(r.size, tensors)
+        if torch.is_grad_enabled() and getattr(self.base_model, "is_gradient_checkpointing", False):
+            raise ConfigError("adapter_names with gradient checkpointing on: the backward pass recomputes the layers "
+                              "without the rows' adapters. Turn it off (gradient_checkpointing_disable()) to train a "
+                              "mixed batch, or train each adapter's rows as their own batch")
         if not r.names:  # every row without adapters
-            return self._state.scope(disabled=True)
+            return self._state.scope(disabled=True, mixed=True)
         if len(r.names) == 1 and bool((r.index == 0).all()):  # one adapter for every row: an ordinary call
-            return self._state.scope(active=list(r.names))
-        return self._state.scope(routing=r)
+            return self._state.scope(active=list(r.names), mixed=True)
+        return self._state.scope(routing=r, mixed=True)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_attached()
@@ -560,7 +569,7 @@ class AdaptedModel(nn.Module):
                             AdapterEntry(name, base.get_submodule(mods.heads_path), mods.heads, persistent=True)))
         for host, adapted, entry in entries:
             if host not in self._slots:
-                self._slots[host] = Slot(base.get_submodule(host), self._state, host)
+                self._slots[host] = Slot(base.get_submodule(host), self._state, host, _batch_second_at(base, host))
             # alive when any module reading its tensors runs (T5 never calls `shared`, only its aliases)
             self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
@@ -626,13 +635,13 @@ class AdaptedModel(nn.Module):
             self._check_attached()
             self._check_unsharded("combine adapters")
             self._check_new_name(name)
-            check_how(how, density, rank)
+            check_how(how, density, rank, seed)
             if not isinstance(weights, Mapping) or not weights:
                 raise ConfigError(f"weights={weights!r} is invalid; expected adapter name -> weight, e.g. "
                                   "{'a': 0.7, 'b': 0.3}")
             for n, w in weights.items():
                 self.get_adapter(n)
-                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w):
                     raise ConfigError(f"weights[{n!r}]={w!r} is invalid; expected a finite number (negative subtracts)")
             held = [self._records[n] for n in weights]
             methods = {h.method.name for h in held}
@@ -1081,6 +1090,27 @@ class _Forward:
         if model is None:
             raise ReferenceError("the AdaptedModel this forward belonged to is gone")
         return type(model).forward(model, *args, **kwargs)
+
+
+def _batch_second_at(model: nn.Module, path: str) -> bool:
+    """Whether the module at ``path``, a module inside it or one around it keeps the batch second."""
+    parts = path.split(".") if path else []
+    around = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+    return any(batch_second(m) for m in [*around, *model.get_submodule(path).modules()])
+
+
+def _check_rows_unambiguous(size: int, tensors: list[torch.Tensor]) -> None:
+    """Refuse a mixed batch whose row count equals a sequence length of the input: modules that run
+    on the positions alone (T5's position bias, a shared attention mask) then see a tensor whose first
+    dimension looks like the batch, and would be split by row. Token ids and (batch, length, width)
+    inputs are checked; images are not (their channels never lead a tensor inside the model)."""
+    for t in tensors:
+        sequence = not t.is_floating_point() or t.dim() == 3
+        if t.dim() >= 2 and t.shape[0] == size and sequence and size in t.shape[1:]:
+            raise ConfigError(
+                f"adapter_names has {size} names and the input (shape {tuple(t.shape)}) has a sequence of {size} "
+                "positions: inside the model a tensor over the positions (a position bias, an attention mask) cannot "
+                "be told from one over the rows. Add a '__base__' row (a copy of any input row) or pad the sequence")
 
 
 class _Memo:

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError
 
-__all__ = ["BASE", "Routing", "batch_dims", "put_rows", "routing", "row_error", "take_rows"]
+__all__ = ["BASE", "Routing", "batch_dims", "batch_second", "put_rows", "routing", "row_error", "take_rows"]
 
 BASE = "__base__"  # a row that runs the backbone alone (PEFT's name for it)
 
@@ -79,6 +79,21 @@ def batch_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.RNNBase):
         return (0 if module.batch_first else 1), 1
     return 0, 0
+
+
+def batch_second(module: nn.Module) -> bool:
+    """Whether ``module`` holds its batch in the second dimension (``batch_first=False``): PyTorch's
+    attention and transformer layers by default. Recurrent layers are not counted (handled by
+    :func:`batch_dims`)."""
+    if isinstance(module, nn.RNNBase):
+        return False
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return any(batch_second(layer) for layer in module.layers)
+    if isinstance(module, nn.Transformer):
+        return batch_second(module.encoder) or batch_second(module.decoder)
+    return getattr(module, "batch_first", True) is False
 
 
 def take_rows(call: Any, rows: torch.Tensor | None, size: int, where: str, module: nn.Module) -> Any:

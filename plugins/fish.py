@@ -204,6 +204,10 @@ class Fish(peftkit.Method[FishConfig]):
             bad = [n for n in mask if n not in known]
             if bad:
                 raise ConfigError(f"mask names parameters the model does not have: {bad[:3]}")
+            outside = [n for n, i in mask.items() if i.numel() and not 0 <= int(i[0]) <= int(i[-1]) < known[n].numel()]
+            if outside:
+                raise ConfigError(f"mask selects positions outside {outside[0]} ({known[outside[0]].numel()} entries); "
+                                  "give flat positions in [0, numel)")
             quantized = [n for n in mask if is_quantized(known[n]) and mask[n].numel()]
             if quantized:
                 raise TargetError(f"mask selects entries of {quantized[0]}, which is quantized: a sparse delta cannot be "

@@ -398,6 +398,13 @@ class _LoRAAdapter(peftkit.Adapter):
     def output_side_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.rpartition(".")[2] == "lora_B"]
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input after its dropout, which acts while training (autograd on) only: without
+        autograd an adapter applies in weight space, where there is none, and a mixed batch's rows
+        must give the same (a model in training mode called under no_grad, as a server may)."""
+        dropout = getattr(self, "dropout", None)
+        return dropout(x) if isinstance(dropout, nn.Module) and torch.is_grad_enabled() else x
+
     def _start_from_weight(self, w2d: torch.Tensor, scale: float, init: str | bool) -> None:
         """Set A and B from the (rows, cols) weight (PiSSA, OLoRA) and keep frozen copies of them."""
         a, b = _factors_from_weight(w2d, self.lora_A.shape[0], scale, init)
@@ -486,7 +493,7 @@ class LinearLoRA(_LoRAAdapter):
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["input"]
         A, B = self.shipped_factors()
-        xa = F.linear(self.dropout(x), A)  # (..., r)
+        xa = F.linear(self.dropped(x), A)  # (..., r)
         out = _add_low_rank(output, xa, B, self.scale)
         if self.lora_magnitude is not None:  # g * (x W^T + s x A^T B^T) + b, from the layer's own output
             g = self._dora_scale(module).to(out.dtype)
@@ -517,7 +524,7 @@ class LinearLoRA(_LoRAAdapter):
                           factors[0][1].new_zeros((output.shape[-1], rank), dtype=dtype)])
         at = torch.where(index < 0, len(loras), index)
         rows = x.shape[0]
-        h = torch.bmm(loras[0].dropout(x).to(dtype).reshape(rows, -1, x.shape[-1]), As[at].transpose(1, 2))
+        h = torch.bmm(loras[0].dropped(x).to(dtype).reshape(rows, -1, x.shape[-1]), As[at].transpose(1, 2))
         # the product added in the same pass over the output (a separate add costs a fifth of a MiniLM forward)
         out = torch.baddbmm(output.reshape(rows, -1, output.shape[-1]), h, Bs[at].transpose(1, 2)).view(output.shape)
         per_row = (rows,) + (1,) * (output.dim() - 2) + (output.shape[-1],)  # broadcasts over the middle dims
@@ -658,7 +665,7 @@ class ConvLoRA(_LoRAAdapter):
         at, xs = (index, x) if every else (index[sel], x.index_select(0, sel))
         rows = xs.shape[0]
         weight = As[at].reshape(rows * rank, *As.shape[2:])  # (rows * rank, in, k...)
-        h = _CONV_FN[nd](convs[0].dropout(xs).to(dtype).reshape(1, -1, *x.shape[2:]), weight, None, conv.stride,
+        h = _CONV_FN[nd](convs[0].dropped(xs).to(dtype).reshape(1, -1, *x.shape[2:]), weight, None, conv.stride,
                          conv.padding, conv.dilation, rows)  # (1, rows * rank, *spatial_out)
         if every:  # the product added in the same pass over the output
             return torch.baddbmm(output.reshape(rows, output.shape[1], -1), Bs[at], h.reshape(rows, rank, -1)
@@ -670,7 +677,7 @@ class ConvLoRA(_LoRAAdapter):
         x = args[0] if args else kwargs["input"]
         conv = _conv(module)
         A, B = self.shipped_factors()
-        h = conv._conv_forward(self.dropout(x), A, None)  # (N, r, *spatial_out), same stride/padding
+        h = conv._conv_forward(self.dropped(x), A, None)  # (N, r, *spatial_out), same stride/padding
         h = _CONV_FN[A.dim() - 2](h, B, groups=conv.groups)  # (N, out, *spatial_out)
         out = output + self.scale * h
         if self.lora_magnitude is not None:  # g * (conv(x, W) + s * lora(x)) + b, from the layer's own output
@@ -1100,7 +1107,8 @@ class LoRA(peftkit.Method[LoraConfig]):
                                  torch.cat([d.right.float() for _, d in lows], 0))
             else:
                 dense = merge_deltas([d.dense() for _, d in lows], [w for w, _ in lows], how, density, generator)
-                factors[path] = low_rank_factors(dense, rank or max(d.left.shape[1] for _, d in lows))
+                wanted = rank or max(d.left.shape[1] for _, d in lows)
+                factors[path] = low_rank_factors(dense, min(wanted, *dense.shape))  # no rank past the matrix's
         r = max(left.shape[1] for left, _ in factors.values())
         values = {}
         for path, (left, right) in factors.items():

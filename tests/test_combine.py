@@ -67,7 +67,7 @@ def _trim(d: torch.Tensor, density: float) -> torch.Tensor:
 
 def _ties(ds: list[torch.Tensor], ws: list[float]) -> torch.Tensor:
     t = [w * d for w, d in zip(ws, ds, strict=True)]
-    elected = torch.sign(sum(t))
+    elected = torch.where(sum(t) >= 0, 1.0, -1.0)  # PEFT's election: a tie counts as positive
     num = sum(torch.where((torch.sign(x) == elected) & (x != 0), x, torch.zeros_like(x)) for x in t)
     count = sum(((torch.sign(x) == elected) & (x != 0)).float() for x in t)
     return num / torch.clamp(count, min=1)
@@ -291,3 +291,20 @@ def test_fish_linear_with_weights_one_runs_as_both(tmp_path: Path) -> None:
         torch.testing.assert_close(m(IDS), both, atol=1e-5, rtol=1e-5)
         path = peftkit.save(m, tmp_path / "sum.safetensors", adapter="sum")
         torch.testing.assert_close(peftkit.load(Net_like(m), path).eval()(IDS), m(IDS), atol=0, rtol=0)
+
+
+def test_numbers_of_any_kind_and_ranks_past_the_layer() -> None:
+    np = pytest.importorskip("numpy")
+    m = _model()
+    m.combine({"a": np.float32(0.5), "b": np.int64(1)}, "np", "linear")
+    m.combine(WEIGHTS, "big", "svd", rank=10**6)  # capped at each layer's smaller side (conv: 12 x 48)
+    assert m.get_adapter("big").method.config.r == 12
+    torch.testing.assert_close(_deltas(m, "big")["fc1"], _expected(m, "linear", 1.0, 0)["fc1"], atol=1e-5, rtol=1e-4)
+    for seed in (1.5, True, -1, 2**70):
+        with pytest.raises(ConfigError, match="seed"):
+            m.combine(WEIGHTS, "s", "dare_linear", seed=seed)
+
+
+def test_a_fish_mask_past_the_end_of_its_tensor_is_refused() -> None:
+    with pytest.raises(ConfigError, match="outside fc1.weight"):
+        peftkit.wrap(Net(), "fish", mask={"fc1.weight": torch.tensor([0, 128])})

@@ -299,3 +299,98 @@ def test_the_model_is_as_it_was_after_a_refused_call() -> None:
             m(X, adapter_names=["lora"] * 3)
         torch.testing.assert_close(m(X), y, atol=0, rtol=0)
     assert m.active_adapters == ["lora", "ia3"]
+
+
+def test_a_batch_as_long_as_its_sequences_is_refused_not_split_by_position() -> None:
+    """Token ids of shape (4, 4): inside the model a (positions x positions) tensor (T5's position
+    bias, a shared mask) would look like the batch. Refused; one more row makes it unambiguous."""
+    a, model = build_or_skip("t5")
+    m = peftkit.wrap(model, "lora", r=2, name="a")  # LoRA's defaults include T5's position-bias Embedding
+    m.add_adapter("b", "lora", r=2)
+    _randomise(m, 0.05)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, 64, (4, 4), generator=g), "decoder_input_ids": torch.randint(0, 64, (4, 3), generator=g)}
+    with torch.no_grad(), pytest.raises(ConfigError, match="sequence of 4 positions"):
+        m(**inputs, adapter_names=["a", "b", "a", BASE])
+    inputs = {k: torch.cat([v, v[:1]]) for k, v in inputs.items()}
+    names = ["a", "b", "a", BASE, "b"]
+    with torch.no_grad():
+        _assert_rows(_call_with_names(m, inputs, names), _rows_alone(m, inputs, names), 5, tol=1e-4)
+    images = torch.randn(3, 3, 32, 32)  # three rows of three channels: images are not sequences
+    _, resnet = build_or_skip("resnet18")
+    r = peftkit.wrap(resnet, "lora", r=2, name="a")
+    r.add_adapter("b", "lora", r=2)
+    with torch.no_grad():
+        assert r(images, adapter_names=["a", "b", BASE]).shape[0] == 3
+
+
+def test_layers_inside_a_batch_second_transformer_are_refused() -> None:
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1).eval()  # batch_first=False
+    m = peftkit.wrap(encoder, "lora", r=2, targets=["linear1"], name="a")
+    m.add_adapter("b", "lora", r=2, targets=["linear1"])
+    with torch.no_grad(), pytest.raises(ConfigError, match="second dimension"):
+        m(torch.randn(5, 4, 16), adapter_names=["a", "b", "a", BASE])
+    with torch.no_grad(), pytest.raises(ConfigError, match="second dimension|sequence of 4 positions"):
+        m(torch.randn(4, 4, 16), adapter_names=["a", "b", "a", BASE])  # the sequence as long as the batch
+
+
+def test_a_module_rerun_with_a_key_value_cache_is_refused_and_runs_without_one() -> None:
+    a, model = build_or_skip("llama")
+    m = peftkit.wrap(model, "lora", r=2, train=["model.layers.0.self_attn"], name="a")
+    m.add_adapter("b", "lora", r=2)
+    _randomise(m, 0.05)
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pytest.raises(ConfigError, match="use_cache=False"):
+            m(input_ids=ids, adapter_names=["a", "b", BASE], use_cache=True)
+        names = ["a", "b", BASE]
+        got = m(input_ids=ids, adapter_names=names, use_cache=False).logits
+        want = torch.cat([o.logits for o in _rows_alone(m, {"input_ids": ids, "use_cache": False}, names)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.reentrant = reentrant
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_cannot_recompute_a_mixed_batch_silently(reentrant: bool) -> None:
+    """The backward pass recomputes the checkpointed layers after the call's rows are forgotten: it is
+    refused there (it gave wrong gradients); a plain call afterwards trains as before."""
+    torch.manual_seed(0)
+    m = peftkit.wrap(Checkpointed(reentrant), "lora", r=2, targets=["fc1", "fc2"], name="a")
+    m.add_adapter("b", "lora", r=2, targets=["fc1", "fc2"])
+    _randomise(m)
+    m.set_adapter(["a", "b"])
+    m.train()
+    x = torch.randn(4, 8, requires_grad=reentrant)
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        m(x, adapter_names=["a", "b", "a", BASE]).sum().backward()
+    m.zero_grad()
+    m(x).sum().backward()
+    assert all(p.grad is not None for p in m.peft_adapters.parameters())
+    with torch.no_grad():  # inference with adapter_names does not stop later training
+        m(x, adapter_names=["a", "b", "a", BASE])
+    m(x).sum().backward()
+
+
+def test_lora_dropout_stays_off_without_autograd_as_in_an_ordinary_call() -> None:
+    torch.manual_seed(0)
+    m = peftkit.wrap(Net(), "lora", r=2, dropout=0.5, name="a")
+    m.add_adapter("b", "lora", r=3, dropout=0.5, targets=[nn.Linear])
+    _randomise(m)
+    m.train()  # a model left in training mode, called under no_grad (a server)
+    names = ["a", "b", BASE, "a", "b", "b", "a", BASE, "a", "b"]
+    with torch.no_grad():
+        first = m(X, adapter_names=names)
+        torch.testing.assert_close(m(X, adapter_names=names), first, atol=0, rtol=0)
+        _assert_rows(first, _rows_alone(m, X, names), 10)

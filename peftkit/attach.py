@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, TargetError
 from .method import Adapter, add_delta, detach_delta, scale_delta
-from .rows import Routing, put_rows, row_error, take_rows
+from .rows import PLAIN, Routing, put_rows, row_error, take_rows
 from .targets import host_of
 from .transaction import Journal
 
@@ -484,13 +484,10 @@ class Slot:
         return put_rows(output, pieces, routing.size, where, host)
 
 
-_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Tensor)
-
-
 def _check_rerunnable(call: Any, where: str, names: list[str]) -> None:
     """Refuse to run a host again on some rows when its call holds a stateful object (a key/value
     cache, which the second call would update again)."""
-    odd = sorted({type(v).__name__ for v in pytree.tree_leaves(call) if not isinstance(v, _PLAIN)})
+    odd = sorted({type(v).__name__ for v in pytree.tree_leaves(call) if not isinstance(v, PLAIN)})
     if odd:
         raise ConfigError(
             f"{where} would run again on the rows of {names} (whose adapters act on its weights), but its call holds "

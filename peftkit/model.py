@@ -46,7 +46,7 @@ from .method import Delta, Method, SparseDelta, add_delta
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
 from .quantized import dequantize, float_class, is_quantized, quantization_of
-from .rows import BASE, batch_second, routing
+from .rows import BASE, PLAIN, batch_second, routing
 from .targets import Selection, is_under, output_layers, tied_aliases
 from .transaction import Journal, deferred_interrupts, finish
 
@@ -1119,8 +1119,6 @@ class _Memo:
     installed for one :class:`peftkit.Parallel` call. Inputs that are not tensors or plain values
     (a cache object) are never matched."""
 
-    _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
-
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.inner = module.__dict__.get("forward")  # an instance-level forward that was there (accelerate's)
@@ -1138,7 +1136,7 @@ class _Memo:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key: tuple[Any, ...] | None = None
-        if all(isinstance(v, (torch.Tensor, *self._PLAIN)) for v in leaves):
+        if all(isinstance(v, PLAIN) for v in leaves):
             key = (torch.is_grad_enabled(), str(spec), *(("t", id(v)) if isinstance(v, torch.Tensor) else v for v in leaves))
             hit = self.seen.get(key)
             if hit is not None:

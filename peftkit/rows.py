@@ -22,9 +22,12 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError
 
-__all__ = ["BASE", "Routing", "batch_dims", "batch_second", "put_rows", "routing", "row_error", "take_rows"]
+__all__ = ["BASE", "PLAIN", "Routing", "batch_dims", "batch_second", "put_rows", "routing", "row_error", "take_rows"]
 
 BASE = "__base__"  # a row that runs the backbone alone (PEFT's name for it)
+# what a module call may hold for peftkit to cut it by rows, or call it again: tensors and plain values,
+# not stateful objects (a key/value cache a second call would update again)
+PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Tensor)
 
 
 @dataclass

@@ -166,6 +166,9 @@ class PeftFormat(Format):
             "modules_to_save": list(mods.train_paths) or None, "rank_pattern": ranks, "alpha_pattern": alphas,
             "init_lora_weights": True, "use_dora": c.dora, "lora_bias": False, "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None,
+            # the format of PEFT 0.22 on: a MultiheadAttention's out_proj delta applies once (older PEFTs
+            # ignore the field; the export is refused where the PEFT at hand would apply it twice)
+            "peft_version": ONCE,
         }
         bad = [k for k, t in tensors.items() if not container.finite(t)]
         if bad:
@@ -253,9 +256,13 @@ class PeftFormat(Format):
         with torch.no_grad():
             for k, (_, put) in places.items():
                 put(values[k])
+        twice = _applied_out_proj_twice(config.get("peft_version"))
         for p, a in prepared.modules.items():  # PEFT scales out_proj by the attention module's alpha
             if isinstance(a, MultiheadAttentionLoRA):
                 a.out_proj.scale = _scale(alphas[p], a.out_proj.lora_A.shape[0], cfg["use_rslora"])
+                if twice:  # trained where PEFT added this delta twice: what the adapter computed is 2 B A
+                    with torch.no_grad():
+                        a.out_proj.lora_B.mul_(2)
         return prepared
 
 
@@ -573,6 +580,21 @@ def _describe(layer: nn.Module, outputs: int) -> str:
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return f"nn.{type(layer).__name__}({layer.in_channels}, {outputs}, {layer.kernel_size})"
     return f"a {type(layer).__name__} with {outputs} outputs"
+
+
+ONCE = "0.22.0"  # the first PEFT release that applies a MultiheadAttention's out_proj delta once (PR #3774)
+
+
+def _applied_out_proj_twice(version: Any) -> bool:
+    """Whether a PEFT directory saved by this ``peft_version`` applied a MultiheadAttention's out_proj
+    delta twice: PEFT 0.22's own rule (a missing version, a release before 0.22.0, or a development
+    version before 0.21.1), so that the import computes what the adapter computed when saved."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(version)) if version is not None else None
+    if match is None:  # no version (PEFT before 0.18 wrote none) or an unreadable one
+        return True
+    release = (int(match.group(1)), int(match.group(2)), int(match.group(3) or 0))
+    dev = "dev" in str(version).partition("@")[0]
+    return release < (0, 21, 1) or (not dev and release < (0, 22, 0))
 
 
 def _peft_version() -> str:

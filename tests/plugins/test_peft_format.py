@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
@@ -118,14 +119,34 @@ def test_multihead_attention_both_ways(tmp_path: Path) -> None:
 
 
 def test_import_a_peft_multihead_attention_adapter(tmp_path: Path) -> None:
+    """The imported adapter computes what PEFT's did, whichever PEFT saved it (before 0.22 PEFT added
+    out_proj's delta twice, and its directories say so by their version)."""
     pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False))
     pm.save_pretrained(str(tmp_path / "p"))
     layer = pm.base_model.model.attn
     m = peftkit.import_peft(_fresh(), tmp_path / "p")
     a = m.peft_adapters["default"].adapters[0]
     torch.testing.assert_close(a.in_proj.weight_delta().dense(), layer.get_delta_weight("default"), rtol=0, atol=0)
-    torch.testing.assert_close(a.out_proj.weight_delta().dense(), layer.base_layer.out_proj.get_delta_weight("default"),
-                               rtol=0, atol=0)
+    h = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m.base_model.attn(h, h, h)[0], layer.eval()(h, h, h)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("version", "twice"), [(None, True), ("0.17.0", True), ("0.21.2", True),
+                                                 ("0.21.1.dev0", False), ("0.22.0", False), ("0.23.1", False)])
+def test_directories_say_whether_peft_added_out_proj_twice(version: str | None, twice: bool, tmp_path: Path) -> None:
+    """PEFT 0.22's own rule, by the directory's ``peft_version``: a missing one, a release before
+    0.22.0 or a development version before 0.21.1 added out_proj's delta twice."""
+    pm = peft.get_peft_model(_fresh(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "p"))
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    config.pop("peft_version", None)
+    if version is not None:
+        config["peft_version"] = version
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config))
+    a = peftkit.import_peft(_fresh(), tmp_path / "p").peft_adapters["default"].adapters[0]
+    single = pm.base_model.model.attn.base_layer.out_proj.get_delta_weight("default")
+    torch.testing.assert_close(a.out_proj.weight_delta().dense(), (2 if twice else 1) * single, rtol=1e-6, atol=1e-7)
 
 
 def test_import_a_peft_trained_adapter(tmp_path: Path) -> None:

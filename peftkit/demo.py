@@ -400,6 +400,8 @@ def _mixed_batch(adapted: peftkit.AdaptedModel, names: list[str], x: torch.Tenso
     print(f"   one mixed batch of {len(x)} images, row i served by adapter i mod {len(names)} ({', '.join(names)}): "
           f"{mixed_ms:.0f} ms, against {own_ms:.0f} ms for {len(names)} batches of one adapter each; the outputs "
           f"differ from those by at most {diff:.1e}")
+    print("   (one pass serves every user; LoRA rows are batched across adapters, while FISH and the heads run their "
+          "layers again on their rows, which costs more here than 6 small batches: see benchmarks/RESULTS.md, mixed)")
 
 
 def run(out: str = "peftkit-demo", methods: str | None = None, quick: bool = False, seed: int = 0) -> int:

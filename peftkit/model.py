@@ -157,7 +157,19 @@ class AdaptedModel(nn.Module):
             base = self.__dict__.get("_modules", {}).get("base_model")
             if base is None or name.startswith("_"):
                 raise
-            return getattr(base, name)
+            found = getattr(base, name)
+            if name == "generate" and callable(found):  # transformers' generation loop, with adapter_names too
+                return functools.partial(self._generate, found)
+            return found
+
+    def _generate(self, generate: Callable[..., Any], *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """The backbone's ``generate``; with ``adapter_names``, every step of it is a mixed batch (each
+        row continues with its own adapter, the backbone runs once per step)."""
+        with self._lock:
+            if adapter_names is None:
+                return generate(*args, **kwargs)
+            with self._mixed_batch(adapter_names, args, kwargs):
+                return generate(*args, **kwargs)
 
     # -- calling -------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -227,7 +239,7 @@ class AdaptedModel(nn.Module):
                               "one name per row of the batch")
         if r.size > 1:
             _check_rows_unambiguous(r.size, tensors)
-        if torch.is_grad_enabled() and getattr(self.base_model, "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and _checkpointing(self.base_model):
             raise ConfigError("adapter_names with gradient checkpointing on: the backward pass recomputes the layers "
                               "without the rows' adapters. Turn it off (gradient_checkpointing_disable()) to train a "
                               "mixed batch, or train each adapter's rows as their own batch")
@@ -1090,6 +1102,13 @@ class _Forward:
         if model is None:
             raise ReferenceError("the AdaptedModel this forward belonged to is gone")
         return type(model).forward(model, *args, **kwargs)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has gradient (activation) checkpointing on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers renames the flag
+        return bool(getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False))
 
 
 def _batch_second_at(model: nn.Module, path: str) -> bool:

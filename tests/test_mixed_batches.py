@@ -394,3 +394,23 @@ def test_lora_dropout_stays_off_without_autograd_as_in_an_ordinary_call() -> Non
         first = m(X, adapter_names=names)
         torch.testing.assert_close(m(X, adapter_names=names), first, atol=0, rtol=0)
         _assert_rows(first, _rows_alone(m, X, names), 10)
+
+
+def test_generation_continues_each_row_with_its_own_adapter() -> None:
+    _, model = build_or_skip("llama")
+    m = peftkit.wrap(model, "lora", r=2, name="a")
+    m.add_adapter("b", "lora", r=3)
+    _randomise(m)
+    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", BASE]
+    out = m.generate(ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+    alone = []
+    for i, name in enumerate(names):
+        if name == BASE:
+            with m.disable_adapters():
+                alone.append(m.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False))
+        else:
+            m.set_adapter(name)
+            alone.append(m.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False))
+    assert torch.equal(out, torch.cat(alone))
+    assert len(set(map(tuple, out[:, 5:].tolist()))) > 1  # the adapters do change what is generated

@@ -66,6 +66,7 @@ class Average:
 
     @property
     def names(self) -> list[str]:
+        """The averaged adapters, in the order given."""
         return list(self.weights)
 
     def __eq__(self, other: object) -> bool:

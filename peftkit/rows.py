@@ -128,6 +128,7 @@ def take_rows(call: Any, rows: torch.Tensor | None, size: int, where: str, modul
 
 
 def row_error(where: str, what: str, size: int) -> ConfigError:
+    """The refusal of a module (``where``) whose call cannot be cut by rows (``what`` it held)."""
     return ConfigError(
         f"{where} was called with {what} in a batch of {size} rows (adapter_names has one name per row): a "
         "mixed-adapter batch needs every adapted module to see the batch in the first dimension of its inputs "

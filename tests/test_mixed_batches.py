@@ -414,3 +414,19 @@ def test_generation_continues_each_row_with_its_own_adapter() -> None:
             alone.append(m.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False))
     assert torch.equal(out, torch.cat(alone))
     assert len(set(map(tuple, out[:, 5:].tolist()))) > 1  # the adapters do change what is generated
+
+
+def test_a_transformers_model_with_gradient_checkpointing_is_refused_up_front() -> None:
+    _, model = build_or_skip("bert")
+    model.gradient_checkpointing_enable()
+    m = peftkit.wrap(model, "lora", r=2, name="a")
+    m.add_adapter("b", "lora", r=2)
+    m.set_adapter(["a", "b"])
+    m.train()
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(ConfigError, match="gradient_checkpointing_disable"):
+        m(input_ids=ids, adapter_names=["a", "b", BASE])
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    with torch.no_grad():  # inference recomputes nothing: allowed
+        m(input_ids=ids, adapter_names=["a", "b", BASE])

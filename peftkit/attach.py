@@ -99,19 +99,20 @@ class AdapterEntry:
     persistent: bool = False
     output_only: bool = False
 
-    def form(self, grad: bool) -> Form:
-        """How this adapter applies now. Inference prefers the delta (no extra activations). Training
-        prefers the fold where the adapter offers it (the target's own kernels then carry the
-        adapter, and no weight gradient is computed), else the output form (autograd through a
-        low-rank path is cheaper than through a full weight). A target read directly by its host can
-        only use the delta."""
+    def form(self, grad: bool, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Form:
+        """How this adapter applies now (``args``/``kwargs``: the target's call, where known).
+        Inference prefers the delta (no extra activations). Training prefers the fold where the
+        adapter offers it for this call (the target's own kernels then carry the adapter, and no
+        weight gradient is computed), else the output form (autograd through a low-rank path is
+        cheaper than through a full weight). A target read directly by its host can only use the
+        delta."""
         a = self.adapter
         if self.output_only:
             return Form.TRANSFORM
         if self.prefix or self.mapping is not None:  # the host reads the target's tensors: weight space only
             return Form.DELTA
         training = self.trains(grad)
-        if training and a.has_delta and a.folds_in_training(self.target):
+        if training and a.has_delta and a.folds_in_training(self.target, args, kwargs or {}):
             return Form.FOLD
         if not a.has_transform:
             return Form.DELTA
@@ -371,11 +372,12 @@ class Slot:
             live.sort(key=lambda e: order.get(e.adapter_name, len(order)))  # stable: an adapter's own order stays
         return live
 
-    def _form(self, e: AdapterEntry, grad: bool) -> Form:
+    def _form(self, e: AdapterEntry, grad: bool, args: tuple[Any, ...] = (),
+              kwargs: dict[str, Any] | None = None) -> Form:
         """:meth:`AdapterEntry.form`, except under :class:`peftkit.Average`: each adapter's change is
         then weighted, in output space where it has that form (no fold: its gradient is unweighted)."""
         if not self.state.weights:
-            return e.form(grad)
+            return e.form(grad, args, kwargs)
         return Form.TRANSFORM if e.adapter.has_transform and not e.prefix and e.mapping is None else Form.DELTA
 
     def _pre(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -398,7 +400,8 @@ class Slot:
             frame.stand_in = next((e for e in entries if isinstance(e, AdapterEntry) and e.stands_in(grad, args, kwargs)),
                                   None)
             entries = [e for e in entries if e is not frame.stand_in]  # it applies its own delta
-        forms = [self._form(e, grad) if isinstance(e, AdapterEntry) else None for e in entries]  # once per call, for both hooks
+        # once per call, for both hooks
+        forms = [self._form(e, grad, args, kwargs) if isinstance(e, AdapterEntry) else None for e in entries]
         subs = self._cached_substitutions(entries) if self.cache and not grad else self.substitutions(entries, grad, forms)
         frame.after = [(e, f) for e, f in zip(entries, forms, strict=True)
                        if isinstance(e, AdapterEntry) and f in (Form.TRANSFORM, Form.FOLD)]

@@ -153,8 +153,17 @@ class Adapter(nn.Module):
         """
         raise NotImplementedError
 
-    def folds_in_training(self, module: nn.Module) -> bool:
-        """Whether :meth:`fold_gradient` applies to ``module`` now (default: when it is implemented)."""
+    def folds_in_training(self, module: nn.Module, args: tuple[Any, ...] = (),
+                          kwargs: dict[str, Any] | None = None) -> bool:
+        """Whether :meth:`fold_gradient` applies to ``module`` on this call (default: when it is
+        implemented). The fold keeps the folded weight for the backward pass, so an adapter may
+        decline it for calls whose activations are small next to the weight.
+
+        Args:
+            module: The target module (frozen).
+            args: Positional inputs of the call (empty where the call is not known).
+            kwargs: Keyword inputs of the call.
+        """
         return type(self).fold_gradient is not Adapter.fold_gradient
 
     def stand_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

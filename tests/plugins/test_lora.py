@@ -381,6 +381,40 @@ def test_training_fold_gives_autograd_gradients(layer: str) -> None:
         torch.testing.assert_close(host.weight.grad, W.grad)
 
 
+@pytest.mark.parametrize(("tokens", "folds"), [(1, False), (49, False), (50, True), (400, True)])
+def test_linear_folds_only_for_calls_with_enough_tokens(tokens: int, folds: bool) -> None:
+    """The fold keeps W + s*B@A for the backward: a Linear folds only when the call has at least
+    in*out/(in + out) tokens (there the fold is the cheaper form and the folded weight is no larger
+    than the call's activations); fewer tokens train in output space and keep no weight-sized tensor.
+    Both forms give the same output and gradients."""
+    torch.manual_seed(0)
+    layer = nn.Linear(100, 100)  # threshold: 100 * 100 / 200 = 50 tokens
+    m = peftkit.wrap(nn.Sequential(layer), "lora", targets=["0"], r=2, init=False)
+    x = torch.randn(tokens, 100, requires_grad=True)
+    copies: list[torch.Tensor] = []  # weight-sized tensors kept for the backward other than the layer's own weight
+    weight = layer.weight  # the layer's own (a fold substitutes another during the call)
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == weight.numel() and t.untyped_storage().data_ptr() != weight.data_ptr():
+            copies.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = m(x)
+    assert ("LowRankGradient" in type(out.grad_fn).__name__) == folds
+    assert bool(copies) == folds
+    out.pow(2).sum().backward()
+
+    a = _lora(m)
+    A, B = (t.detach().clone().requires_grad_(True) for t in (a.lora_A, a.lora_B))
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = F.linear(x_ref, layer.weight, layer.bias) + a.scale * (x_ref @ A.T) @ B.T
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in ((x, x_ref), (a.lora_A, A), (a.lora_B, B)):  # the fold sums in another order
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_fold_gradient_hands_on_a_contiguous_gradient() -> None:
     """A permuted output gradient is copied once by the fold's backward, and the copy is what the
     Linear's own backward receives, so it does not copy it again (a value projection's gradient comes
@@ -450,7 +484,7 @@ def test_training_fold_under_autocast_gives_float32_gradients() -> None:
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
     m = peftkit.wrap(net, "lora", r=4, init=False, targets=["0", "2"])
-    x = torch.randn(4, 64, 4, 4)
+    x = torch.randn(16, 64, 4, 4)  # 16 rows: enough for the Linear (1024 -> 16) to fold
     seen = []
     for layer in (net[0], net[2]):  # registered after peftkit's hooks: sees the adapted output
         layer.register_forward_hook(lambda mod, args, out: seen.append(type(out.grad_fn).__name__))
@@ -759,7 +793,7 @@ def test_dora_formula_and_gradients_on_linear_grouped_conv_and_embedding(force_t
             a.lora_magnitude.mul_(torch.rand_like(a.lora_magnitude) + 0.5)
     if force_transform:  # the output-space forms (taken with dropout) instead of the fold / weight space
         for cls in (type(ads["lin"]), type(ads["conv"])):
-            monkeypatch.setattr(cls, "folds_in_training", lambda self, module: False)
+            monkeypatch.setattr(cls, "folds_in_training", lambda self, module, *call: False)
         monkeypatch.setattr(type(ads["conv"]), "train_in_weight_space", property(lambda self: False))
 
     def reference() -> torch.Tensor:

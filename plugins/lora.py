@@ -24,7 +24,7 @@ import peftkit
 from peftkit.combination import Combination, low_rank_factors, merge_deltas
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Delta, LowRankDelta, add_delta, detach_delta
-from peftkit.quantized import dequantize
+from peftkit.quantized import dequantize, logical_dtype, logical_shape
 from peftkit.targets import matches, output_layers, pattern_problem
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -464,18 +464,22 @@ class LinearLoRA(_LoRAAdapter):
     def __init__(self, module: nn.Module, r: int, scale: float, dropout: float, init: str | bool, bias: bool,
                  transposed: bool, dora: bool = False) -> None:
         super().__init__()
-        w = dequantize(_tensor(module, "weight"), module)  # a quantized weight: the float one it stands for
-        in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
-        _init_pair(self, (r, in_f), (out_f, r), w, init)
+        raw = _tensor(module, "weight")
+        # a quantized weight is dequantized (the float one it stands for) only where its values are read
+        w = dequantize(raw, module) if _data_init(init) or dora else None
+        like = w if w is not None else torch.empty(0, device=raw.device, dtype=logical_dtype(module, raw))
+        shape = w.shape if w is not None else logical_shape(module, "weight", raw)
+        in_f, out_f = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
+        _init_pair(self, (r, in_f), (out_f, r), like, init)
         self.scale = scale
         self.transposed = transposed
-        if _data_init(init):
+        if w is not None and _data_init(init):
             self._start_from_weight(w.T if transposed else w, scale, init)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         has_bias = bias and getattr(module, "bias", None) is not None
-        self.lora_bias = nn.Parameter(torch.zeros(out_f, device=w.device, dtype=w.dtype)) if has_bias else None
+        self.lora_bias = nn.Parameter(torch.zeros(out_f, device=like.device, dtype=like.dtype)) if has_bias else None
         self.lora_magnitude = (nn.Parameter(dora_magnitude(w, self._low_rank(), transposed=transposed))
-                               if dora else None)  # (out,): ||W + s B A|| per output at init, so DoRA starts as LoRA
+                               if w is not None and dora else None)  # (out,): ||W + s B A|| per output at init, so DoRA starts as LoRA
         self._folded_scale: torch.Tensor | None = None  # DoRA's g from delta(), for fold_gradient on the same call
 
     def _low_rank(self) -> LowRankDelta:

@@ -249,6 +249,26 @@ def test_adapters_train_beside_quantized_layers_which_never_change(backend: str,
 
 
 @pytest.mark.parametrize(("backend", "scheme"), COMBOS)
+def test_lora_wraps_a_quantized_layer_without_dequantizing_it(backend: str, scheme: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA's default factors need only the weight's shape, dtype and device: wrapping dequantizes
+    nothing (a whole model's float weights would otherwise be formed, and left behind in the heap,
+    at wrap). PiSSA and DoRA, which read the weight's values, still get the dequantized weight."""
+    import peftkit_plugins.lora as lora
+
+    calls: list[torch.Size] = []
+    original = lora.dequantize
+    monkeypatch.setattr(lora, "dequantize", lambda t, module=None: calls.append(t.shape) or original(t, module))
+    m = peftkit.wrap(quantized(backend, scheme), "lora", r=4, targets=["a", "b"])
+    assert not calls
+    floats = peftkit.wrap(net(), "lora", r=4, targets=["a", "b"])
+    assert {n: (p.shape, p.dtype) for n, p in m.named_parameters() if p.requires_grad} == {
+        n: (p.shape, p.dtype) for n, p in floats.named_parameters() if p.requires_grad}
+    peftkit.wrap(quantized(backend, scheme), "lora", r=4, targets=["a"], dora=True)
+    assert calls  # DoRA's magnitudes are norms of the float weight
+
+
+@pytest.mark.parametrize(("backend", "scheme"), COMBOS)
 def test_multitask_heads_replace_a_float_output_layer(backend: str, scheme: str) -> None:
     m = peftkit.wrap(quantized(backend, scheme), "lora", r=2, heads={"x": 3, "y": [16, 2]})
     out = m(X)

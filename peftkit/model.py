@@ -98,6 +98,8 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_adapters = nn.ModuleDict()
+        # the backbone's mode, not nn.Module's default (training): a wrapped eval() model reports eval
+        self.training = self.peft_adapters.training = model.training
         self._records: dict[str, HeldAdapter] = {}
         self._state = RuntimeState()
         self._slots: dict[str, Slot] = {}
@@ -585,6 +587,7 @@ class AdaptedModel(nn.Module):
             # alive when any module reading its tensors runs (T5 never calls `shared`, only its aliases)
             self._unchecked.setdefault(f"{name}/{adapted}", []).append(host)
             self._slots[host].add(entry)
+        mods.train(self.training)  # the model's mode (the backbone's until train()/eval()): dropout, trained copies' norms
         self.peft_adapters[name] = mods
         self._records[name] = HeldAdapter(name, prepared.plan, mods, checked=dict(prepared.cache))
         for p in mods.parameters():

@@ -57,6 +57,29 @@ def test_backbone_is_frozen_and_module_tree_unchanged() -> None:
     assert "trainable" in m.summary() and "lora" in m.summary()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_wrap_and_load_keep_the_backbones_mode(training: bool, tmp_path) -> None:
+    """A backbone wrapped (or loaded onto) in eval mode gives an AdaptedModel in eval mode, adapters,
+    heads and trained copies included: their dropout and norms do not act until train()."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).train(training)
+
+    m = peftkit.wrap(build(), "lora", r=2, dropout=0.5, targets=["0"], train=["1"], heads={"a": 4})
+    assert m.training is training
+    assert {mod.training for mod in m.modules()} == {training}
+    path = peftkit.save(m, tmp_path / "a.safetensors")
+    loaded = peftkit.load(build(), path)
+    assert {mod.training for mod in loaded.modules()} == {training}
+    x = torch.randn(5, 6)
+    if not training:  # deterministic with autograd on: the dropout is off
+        torch.testing.assert_close(m(x)["a"], m(x)["a"])
+    m.train()
+    assert all(mod.training for mod in m.modules() if mod is not m.base_model[1])  # a frozen norm stays in eval
+    m.eval()
+    assert not any(mod.training for mod in m.modules())
+
+
 def test_frozen_batchnorm_statistics_do_not_drift() -> None:
     torch.manual_seed(0)
     cnn = TinyCNN()

@@ -48,7 +48,8 @@ class IA3Scale(peftkit.Adapter):
 
     def transform(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         channel_dim = -1 if isinstance(module, nn.Linear) else 1
-        return output * self._shaped(output.dim(), channel_dim)
+        # in the layer's dtype: float32 scales on a bf16 backbone must not turn its activations float32
+        return output * self._shaped(output.dim(), channel_dim).to(output.dtype)
 
     def delta(self, module: nn.Module) -> dict[str, Delta]:
         assert isinstance(module, (nn.Linear, nn.Conv2d))  # what IA3.build() adapts

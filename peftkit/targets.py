@@ -484,17 +484,37 @@ def _traced_outputs(model: nn.Module, example_input: Any) -> list[str]:
 
 def find_blocks(model: nn.Module) -> list[str]:
     """The blocks of the backbone's main stage, input side first: the parametrised children of the
-    module that has the most of them among those holding at least a quarter of the parameters
-    (ResNet: ``conv1 … layer4, fc``; ViT: ``encoder.layers.*``; BERT: ``encoder.layer.*``)."""
+    module whose repeated blocks weigh most (ResNet: ``conv1 … layer4, fc``; ViT:
+    ``encoder.layers.*``; BERT: ``encoder.layer.*``; Swin: its ``features.*`` stages).
+
+    Blocks are composite children (modules of their own) of one class, such as residual stages or
+    transformer layers; a module's weight is their count times the share of the parameters they
+    hold. A block's own layers (a residual block's convs and norms) are no blocks, and one long stage
+    in the middle of a network (a Swin's or ConvNeXt's third) weighs less than the stages around
+    it. A model without repeated composite children (a Sequential of layers, an LSTM classifier)
+    uses the module with the most parametrised children among those holding a quarter of the
+    parameters."""
     total = sum(p.numel() for p in model.parameters()) or 1
-    best: tuple[str, list[str]] = ("", [])
+
+    def size(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    best: tuple[float, str, list[str]] = (0.0, "", [])
+    fallback: tuple[int, str, list[str]] = (0, "", [])
     for path, module in model.named_modules():
-        kids = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
-        covered = sum(p.numel() for n in kids for p in module.get_submodule(n).parameters())
-        if len(kids) > len(best[1]) and covered >= total / 4:
-            best = (path, kids)
-    prefix = f"{best[0]}." if best[0] else ""
-    return [prefix + n for n in best[1]]
+        kids = [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+        groups: dict[type, list[nn.Module]] = {}
+        for _, c in kids:
+            if any(True for _ in c.children()):
+                groups.setdefault(type(c), []).append(c)
+        weight = max((len(g) * sum(map(size, g)) / total for g in groups.values() if len(g) >= 2), default=0.0)
+        if weight > best[0]:
+            best = (weight, path, [n for n, _ in kids])
+        if len(kids) > fallback[0] and sum(size(c) for _, c in kids) >= total / 4:
+            fallback = (len(kids), path, [n for n, _ in kids])
+    _, path, names = best if best[2] else fallback
+    prefix = f"{path}." if path else ""
+    return [prefix + n for n in names]
 
 
 def tied_aliases(model: nn.Module, path: str) -> list[tuple[str, str, str]]:

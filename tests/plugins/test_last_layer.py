@@ -60,6 +60,25 @@ def test_unfreeze_blocks_on_resnet_and_vit(tmp_path: Path) -> None:
         peftkit.wrap(torchvision.models.resnet18(), "last_layer", unfreeze=7)
 
 
+def test_blocks_are_stages_or_layers_not_a_blocks_own_layers() -> None:
+    """unfreeze=k counts repeated blocks: a residual network's stages, a transformer's layers. A
+    network whose stages sit in a Sequential (the demo's SmallResNet) unfreezes its last stage, not
+    the convs and norms inside its last residual block; a long middle stage (ConvNeXt's third) does
+    not outweigh the stages around it."""
+    from peftkit.demo import SmallResNet
+    from peftkit.targets import find_blocks
+
+    assert find_blocks(SmallResNet()) == [f"layers.{i}" for i in range(4)]
+    paths = peftkit.wrap(SmallResNet(), "last_layer", unfreeze=1).peft_adapters["default"].train_paths
+    assert paths == ["layers.3", "fc"]
+    convnext = torchvision.models.convnext_tiny()
+    assert find_blocks(convnext)[-2:] == ["features.6", "features.7"]  # stage 3 of 9 blocks sits in features.5
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
+    assert find_blocks(nn.Sequential(nn.Embedding(50, 16), encoder, nn.Linear(16, 2))) == [
+        "1.layers.0", "1.layers.1", "1.layers.2"]
+    assert find_blocks(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))) == ["0", "2"]  # no blocks: its layers
+
+
 def test_tied_output_layer_stays_tied_and_is_saved_once(tmp_path: Path) -> None:
     class TinyLM(nn.Module):
         def __init__(self) -> None:

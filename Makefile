@@ -16,10 +16,11 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/peftkit demo
 
+# two workers (pytest-xdist), each test file whole on one of them (module fixtures run once)
 test: setup
 	$(PY) -m ruff check peftkit plugins tests examples benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(PY) -m ruff check peftkit plugins tests examples benchmarks

@@ -13,7 +13,9 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the machine's two cores: one thread each (two would
+# oversubscribe the cores); a plain `pytest` run uses both
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SEED = 0
 

@@ -151,7 +151,10 @@ def _peft_round_trip(arch: Arch, m: peftkit.AdaptedModel, inputs: Any, adapted: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(arch.build(), str(out)).eval()
-    _close(_out(theirs, inputs), adapted, rtol=1e-4, atol=1e-5)
+    # PEFT adds s*B(Ax) to Wx where peftkit computes (W + s*BA)x: float32 rounding, which on one
+    # thread (the suite's workers) reaches 6e-5 on CLIP's projections; the adapters moved each output
+    # by 5e-2 (BERT) to 0.9 (resnet18) of its scale
+    _close(_out(theirs, inputs), adapted, rtol=1e-4, atol=1e-4)
 
 
 def test_expectations_name_real_pairs() -> None:

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt examples/peftkit-ia3/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,hf,demo,quant]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,hf,demo,quant,bench]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e examples/peftkit-ia3
 	touch $(STAMP)
 

@@ -511,7 +511,7 @@ def methods_row(smoke: bool) -> dict[str, Any]:
 
 
 def domain_row(smoke: bool) -> dict[str, Any]:
-    """Domain adaptation without target labels on two shifts (benchmarks/domain.py, which also writes
+    """Domain adaptation without target labels on three shifts (benchmarks/domain.py, which also writes
     DOMAIN.md when run on its own): target accuracy per variant, and the share of the gap recovered."""
     import tempfile
 

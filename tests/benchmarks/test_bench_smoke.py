@@ -34,7 +34,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     methods = {f"{task}: {m}" for task in ("docstrings", "digits")
                for m in ("scratch", "full fine-tune", "last_layer", "lora", "lora dora", "lora pissa", "fish")}
     assert set(results["methods"]) >= methods
-    assert {f"{shift}: lora: {v}" for shift in ("stars", "digits-M")
+    assert {f"{shift}: lora: {v}" for shift in ("stars", "digits-M", "mnist->digits")
             for v in ("source only", "dann", "coral", "mmd", "target labels")} <= set(results["domain"])
     assert {f"{v}: step s" for v in ("bf16", "nf4 torchao", "nf4 bitsandbytes", "peft nf4 bitsandbytes")} <= set(
         results["qlora"])

@@ -24,6 +24,9 @@ returned to the system (``MALLOC_MMAP_THRESHOLD_=65536``, see ``MMAP_THRESHOLD``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -33,6 +36,8 @@ import sys
 import time
 import warnings
 from typing import Any
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
@@ -110,23 +115,21 @@ def _weight_bytes(model: Any) -> tuple[int, int]:
     return linear, total
 
 
-def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
-    """One variant, in this process: build, wrap, train ``steps`` steps (after one warm-up)."""
-    import torch
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+
+def _release_freed_memory() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _train(name: str, smoke: bool, backend: str | None, steps: int) -> tuple[Any, list[float], torch.Tensor]:
+    """Build, wrap and train ``steps`` steps after a warm-up one: (the model, the step times, the last loss)."""
     import peftkit
 
-    torch.set_num_threads(2)
-    backend = {"bf16": None, "nf4 torchao": "torchao"}.get(name, "bitsandbytes")
-    if backend:
-        __import__(backend)
-    if name.startswith("peft"):
-        import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch and the libraries
     model = _build(smoke, backend)
-    linear, total = _weight_bytes(model)
     if name.startswith("peft"):
         import peft
 
@@ -148,6 +151,29 @@ def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
         opt.step()
         if i:  # the first step warms up
             times.append(time.perf_counter() - start)
+    return model, times, loss.detach()
+
+
+def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
+    """One variant, in this process: build, wrap, train ``steps`` steps (after one warm-up)."""
+    torch.set_num_threads(2)
+    backend = {"bf16": None, "nf4 torchao": "torchao"}.get(name, "bitsandbytes")
+    if backend:
+        __import__(backend)
+    if name.startswith("peft"):
+        import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    if not smoke:
+        # The runtime: what the process holds whatever the model's size. Transformers, PEFT and the
+        # backends import most of their modules lazily, on first use, and torch sets up its kernels
+        # on the first step: a whole training run on the tiny config does all of that once.
+        _train(name, True, backend, 1)
+        gc.collect()
+        _release_freed_memory()
+    runtime = _current_rss_mb()
+    model, times, loss = _train(name, smoke, backend, steps)
+    linear, total = _weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
     return {"parameters": params, "linear MB": linear / 2**20, "weights MB": total / 2**20,
             "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "runtime MB": runtime,

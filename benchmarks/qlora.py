@@ -125,11 +125,14 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _train(name: str, smoke: bool, backend: str | None, steps: int) -> tuple[Any, list[float], torch.Tensor]:
-    """Build, wrap and train ``steps`` steps after a warm-up one: (the model, the step times, the last loss)."""
+def _train(name: str, smoke: bool, backend: str | None, steps: int
+           ) -> tuple[Any, tuple[int, int], list[float], torch.Tensor]:
+    """Build, wrap and train ``steps`` steps after a warm-up one: (the model, its weight bytes before
+    wrapping (PEFT adds its adapters inside the model), the step times, the last loss)."""
     import peftkit
 
     model = _build(smoke, backend)
+    weights = _weight_bytes(model)
     if name.startswith("peft"):
         import peft
 
@@ -151,7 +154,7 @@ def _train(name: str, smoke: bool, backend: str | None, steps: int) -> tuple[Any
         opt.step()
         if i:  # the first step warms up
             times.append(time.perf_counter() - start)
-    return model, times, loss.detach()
+    return model, weights, times, loss.detach()
 
 
 def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
@@ -172,9 +175,8 @@ def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
         gc.collect()
         _release_freed_memory()
     runtime = _current_rss_mb()
-    model, times, loss = _train(name, smoke, backend, steps)
-    linear, total = _weight_bytes(model)
-    params = sum(p.numel() for p in model.parameters())
+    model, (linear, total), times, loss = _train(name, smoke, backend, steps)
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"parameters": params, "linear MB": linear / 2**20, "weights MB": total / 2**20,
             "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "runtime MB": runtime,
             "step s": statistics.median(times), "loss": float(loss)}

@@ -116,15 +116,12 @@ def _digits_m(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (ink.expand(-1, 3, -1, -1) - 0.5) / 0.5, (blended - 0.5) / 0.5, torch.tensor(data.target)
 
 
-def digits_m(seed: int, smoke: bool, cache: Path) -> Shift:
-    grey, blended, y = _digits_m(0)  # one fixed dataset; the seed picks the rows each run trains on
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    src, tgt = order[: len(y) // 2], order[len(y) // 2:]
-    path = cache / f"digits-source-{'smoke' if smoke else 'full'}.pt"
+def _digits_backbone(path: Path, x: torch.Tensor, y: torch.Tensor, smoke: bool) -> Callable[[], nn.Module]:
+    """A 10-class ResNet pretrained on the source rows (once, cached at ``path``); a fresh copy per call."""
     if not path.exists():
         torch.manual_seed(0)
         model = SmallResNet(n_classes=10, stem_stride=1)
-        _train(model, lambda g: _source_batch(grey[src], y[src], g, 64), 2 if smoke else 400, 3e-3, seed=0)
+        _train(model, lambda g: _source_batch(x, y, g, 64), 2 if smoke else 400, 3e-3, seed=0)
         torch.save(model.state_dict(), path)
 
     def backbone() -> nn.Module:
@@ -132,6 +129,14 @@ def digits_m(seed: int, smoke: bool, cache: Path) -> Shift:
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
 
+    return backbone
+
+
+def digits_m(seed: int, smoke: bool, cache: Path) -> Shift:
+    grey, blended, y = _digits_m(0)  # one fixed dataset; the seed picks the rows each run trains on
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    src, tgt = order[: len(y) // 2], order[len(y) // 2:]
+    backbone = _digits_backbone(cache / f"digits-source-{'smoke' if smoke else 'full'}.pt", grey[src], y[src], smoke)
     g = torch.Generator().manual_seed(seed)
     tgt = tgt[torch.randperm(len(tgt), generator=g)]
     train, test = tgt[: len(tgt) // 2], tgt[len(tgt) // 2:]
@@ -168,18 +173,7 @@ def mnist_digits(seed: int, smoke: bool, cache: Path) -> Shift:
     dy = torch.tensor(data.target)
     norm = lambda x: ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # noqa: E731
     mx, dx = norm(mx), norm(dx)
-    path = cache / f"mnist-source-{'smoke' if smoke else 'full'}.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = SmallResNet(n_classes=10, stem_stride=1)
-        _train(model, lambda g: _source_batch(mx, my, g, 64), 2 if smoke else 400, 3e-3, seed=0)
-        torch.save(model.state_dict(), path)
-
-    def backbone() -> nn.Module:
-        model = SmallResNet(n_classes=10, stem_stride=1)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model
-
+    backbone = _digits_backbone(cache / f"mnist-source-{'smoke' if smoke else 'full'}.pt", mx, my, smoke)
     order = torch.randperm(len(dy), generator=torch.Generator().manual_seed(seed))
     train, test = order[: len(order) // 2], order[len(order) // 2:]
     if smoke:
@@ -254,6 +248,11 @@ def adapt(shift: Shift, method: str, variant: str, steps: int, seed: int) -> tup
     return m, float((predicted == y).float().mean())
 
 
+def _recovered(adapted: list[float], source: list[float], target: list[float]) -> list[float]:
+    """Each seed's share of the gap recovered: (adapted - source only) / (target labels - source only)."""
+    return [(a - s) / (t - s) if t != s else float("nan") for a, s, t in zip(adapted, source, target, strict=True)]
+
+
 def run(names: list[str], seeds: int, smoke: bool, cache: Path, threads: int = 2) -> dict[str, Any]:
     global BATCH
     torch.set_num_threads(threads)
@@ -276,7 +275,7 @@ def run(names: list[str], seeds: int, smoke: bool, cache: Path, threads: int = 2
             src, tgt = by_variant["source only"], by_variant["target labels"]
             rows = {}
             for variant, a in by_variant.items():
-                recovered = [(x - s) / (t - s) if t != s else float("nan") for x, s, t in zip(a, src, tgt, strict=True)]
+                recovered = _recovered(a, src, tgt)
                 rows[variant] = {"per seed": a, "mean": statistics.mean(a), "spread": statistics.pstdev(a),
                                  "recovered": statistics.mean(recovered)}
             summary[method] = rows
@@ -299,8 +298,7 @@ def report(res: dict[str, Any]) -> str:
             for v in VARIANTS:
                 x = rows[v]
                 seeds = "/".join(f"{100 * a:.1f}" for a in x["per seed"])
-                each = "/".join(f"{100 * (a - s) / (t - s):.0f}" if t != s else "nan"
-                                for a, s, t in zip(x["per seed"], src, tgt, strict=True))
+                each = "/".join(f"{100 * r:.0f}" for r in _recovered(x["per seed"], src, tgt))
                 extra = f", recovered {100 * x['recovered']:.0f}% ({each})" if v in WEIGHTS else ""
                 cells.append(f"{100 * x['mean']:.1f} ± {100 * x['spread']:.1f} ({seeds}){extra}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -24,8 +24,6 @@ returned to the system (``MALLOC_MMAP_THRESHOLD_=65536``, see ``MMAP_THRESHOLD``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -120,11 +118,6 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _release_freed_memory() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _train(name: str, smoke: bool, backend: str | None, steps: int
            ) -> tuple[Any, tuple[int, int], list[float], torch.Tensor]:
     """Build, wrap and train ``steps`` steps after a warm-up one: (the model, its weight bytes before
@@ -166,6 +159,8 @@ def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
     if name.startswith("peft"):
         import peft  # noqa: F401
     import transformers  # noqa: F401
+
+    from peftkit.quantization import _release_freed_memory
 
     if not smoke:
         # The runtime: what the process holds whatever the model's size. Transformers, PEFT and the

@@ -15,7 +15,7 @@ bytes (quantized layers alone, and the whole model), the peak RSS of the process
 and the median training step (batch 1 x ``SEQ`` tokens, AdamW on the adapter, all in bf16). ``--smoke`` runs a
 tiny config (the test suite does).
 
-    python benchmarks/qlora.py [--smoke] [--steps 2] [--mmap-threshold]
+    python benchmarks/qlora.py [--smoke] [--steps 2] [--mmap-threshold] [--size 0.44b|1.1b] [--variants bf16,...]
 
 ``make bench`` runs it twice: with glibc's defaults, and with every freed block of 64 KiB or more
 returned to the system (``MALLOC_MMAP_THRESHOLD_=65536``, see ``MMAP_THRESHOLD``).
@@ -40,9 +40,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-# about 0.5 B parameters, Llama's proportions (GQA, SwiGLU MLP), a 32k vocabulary
-CONFIG = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-          "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 512}
+# Llama's proportions (GQA, SwiGLU MLP), a 32k vocabulary: about 0.44 B parameters by default, and
+# TinyLlama-1.1B's shapes (where the imported runtime and the bf16 embeddings weigh less)
+CONFIGS = {
+    "0.44b": {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 512},
+    "1.1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+             "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 512},
+}
 SMOKE = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 SEQ = 64  # this CPU computes bf16 at a quarter of its float32 speed (no bf16 instructions)
@@ -50,7 +55,11 @@ VARIANTS = ("bf16", "nf4 torchao", "nf4 bitsandbytes", "peft nf4 bitsandbytes")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _build(smoke: bool, backend: str | None) -> Any:
+def _config(smoke: bool, size: str) -> dict[str, Any]:
+    return SMOKE if smoke else CONFIGS[size]
+
+
+def _build(smoke: bool, backend: str | None, size: str = "0.44b") -> Any:
     """The model in bf16, materialised one module at a time; with ``backend``, each decoder layer's
     Linears are quantized to NF4 as soon as the layer exists."""
     import torch
@@ -58,7 +67,7 @@ def _build(smoke: bool, backend: str | None) -> Any:
 
     import peftkit
 
-    config = transformers.LlamaConfig(**(SMOKE if smoke else CONFIG))
+    config = transformers.LlamaConfig(**_config(smoke, size))
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -118,13 +127,13 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _train(name: str, smoke: bool, backend: str | None, steps: int
+def _train(name: str, smoke: bool, backend: str | None, steps: int, size: str = "0.44b"
            ) -> tuple[Any, tuple[int, int], list[float], torch.Tensor]:
     """Build, wrap and train ``steps`` steps after a warm-up one: (the model, its weight bytes before
     wrapping (PEFT adds its adapters inside the model), the step times, the last loss)."""
     import peftkit
 
-    model = _build(smoke, backend)
+    model = _build(smoke, backend, size)
     weights = _weight_bytes(model)
     if name.startswith("peft"):
         import peft
@@ -135,7 +144,7 @@ def _train(name: str, smoke: bool, backend: str | None, steps: int
     m.train()  # everything computes in bf16 (the NF4 weights dequantize to it), the adapters included
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    vocab = (SMOKE if smoke else CONFIG)["vocab_size"]
+    vocab = _config(smoke, size)["vocab_size"]
     seq = 16 if smoke else SEQ
     times = []
     for i in range(steps + 1):
@@ -150,7 +159,7 @@ def _train(name: str, smoke: bool, backend: str | None, steps: int
     return model, weights, times, loss.detach()
 
 
-def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
+def variant(name: str, smoke: bool, steps: int, size: str = "0.44b") -> dict[str, Any]:
     """One variant, in this process: build, wrap, train ``steps`` steps (after one warm-up)."""
     torch.set_num_threads(2)
     backend = {"bf16": None, "nf4 torchao": "torchao"}.get(name, "bitsandbytes")
@@ -170,7 +179,7 @@ def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
         gc.collect()
         _release_freed_memory()
     runtime = _current_rss_mb()
-    model, (linear, total), times, loss = _train(name, smoke, backend, steps)
+    model, (linear, total), times, loss = _train(name, smoke, backend, steps, size)
     params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"parameters": params, "linear MB": linear / 2**20, "weights MB": total / 2**20,
             "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "runtime MB": runtime,
@@ -184,11 +193,12 @@ def variant(name: str, smoke: bool, steps: int) -> dict[str, Any]:
 MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run(smoke: bool, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run(smoke: bool, steps: int, env: dict[str, str] | None = None, size: str = "0.44b",
+        variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     """Every variant in a fresh process (with ``env`` added to its environment); the ratios against bf16."""
     out: dict[str, Any] = {}
-    for name in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(steps),
+    for name in variants:
+        proc = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(steps), "--size", size,
                                *(["--smoke"] if smoke else [])], capture_output=True, text=True, timeout=3600,
                               env={**os.environ, **(env or {})})
         if proc.returncode:
@@ -232,12 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmap-threshold", action="store_true",
                    help="run every variant with MALLOC_MMAP_THRESHOLD_=65536 (glibc maps each block of 64 KiB or more "
                         "on its own, so freed blocks go back to the system)")
+    p.add_argument("--size", choices=sorted(CONFIGS), default="0.44b",
+                   help="the model's shapes: 0.44b (default), or 1.1b (TinyLlama-1.1B's; about 2.5x the time)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="which variants, comma-separated (bf16 always runs)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.variant:
-        print(json.dumps(variant(a.variant, a.smoke, 1 if a.smoke else a.steps)))
+        print(json.dumps(variant(a.variant, a.smoke, 1 if a.smoke else a.steps, a.size)))
         return 0
-    res = run(a.smoke, 1 if a.smoke else a.steps, MMAP_THRESHOLD if a.mmap_threshold else None)
+    chosen = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; the variants are {', '.join(VARIANTS)}")
+    variants = ("bf16", *[v for v in VARIANTS if v in chosen and v != "bf16"])  # the ratios' denominator first
+    res = run(a.smoke, 1 if a.smoke else a.steps, MMAP_THRESHOLD if a.mmap_threshold else None, a.size, variants)
     print(report(res, a.smoke, ", MALLOC_MMAP_THRESHOLD_=65536" if a.mmap_threshold else ""))
     return 0
 

@@ -12,6 +12,7 @@ __all__ = [
     "AdapterFileError",
     "BackboneMismatchError",
     "ConfigError",
+    "DivergenceWarning",
     "MergeError",
     "PeftkitError",
     "PluginError",
@@ -57,6 +58,12 @@ class PluginError(PeftkitError):
 
 class MergeError(PeftkitError):
     """A merge that cannot be done exactly or would corrupt the base weights."""
+
+
+class DivergenceWarning(UserWarning):
+    """Training that has left the range it comes back from (e.g. DANN's features growing without
+    bound while they fool the discriminator). Escalate it to stop such a run at once:
+    ``warnings.simplefilter("error", peftkit.errors.DivergenceWarning)``."""
 
 
 class QuantizationWarning(UserWarning):

@@ -4,6 +4,7 @@ written out; features from any wrapped model; one adaptation step with every bui
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from conftest import TinyCNN, assert_bitwise_equal, snapshot
 from torch import nn
 
 import peftkit
-from peftkit.errors import ConfigError, TargetError
+from peftkit.errors import ConfigError, DivergenceWarning, TargetError
 
 
 # -- gradient reversal ------------------------------------------------------------------------------
@@ -305,13 +306,58 @@ def test_adaptation_steps_through_lora_shrink_the_gap_between_domains(adaptation
     da = peftkit.DomainAdaptation(m, adaptation, task_loss=lambda logits, y: 0 * logits.sum())  # alignment only
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-2)
     gaps = []
-    for _ in range(40):
-        loss, logs = da.loss(xs, torch.zeros(64, dtype=torch.long), xt)
-        gaps.append(logs["adaptation"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)  # a run that trains is never called diverging
+        for _ in range(40):
+            loss, logs = da.loss(xs, torch.zeros(64, dtype=torch.long), xt)
+            gaps.append(logs["adaptation"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     assert gaps[-1] < 0.3 * gaps[0], gaps[::8]
+
+
+def _relu_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("adaptation", ["dann", "coral", "mmd"])
+def test_features_that_run_away_warn_once_with_the_step_and_the_fix(adaptation: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    xs, ys, xt = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g), torch.randn(16, 6, generator=g)
+    heads = {"label": 3, "domain": [8, 1]} if adaptation == "dann" else {"label": 3}
+    m = peftkit.wrap(_relu_mlp(), "lora", r=2, heads=heads)
+    da = peftkit.DomainAdaptation(m, adaptation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)
+        _, logs = da.loss(xs, ys, xt)
+        assert logs["feature_scale"] == 1.0  # the first step is what later ones are measured against
+        _, logs = da.loss(xs, ys, xt)
+        assert logs["feature_scale"] == pytest.approx(1.0)
+    with torch.no_grad():  # what DANN's reversed gradient does to LoRA on MNIST -> digits, in one go
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(30 * torch.randn(p.shape, generator=g))
+    fix = "lower weight= .*total_steps=.*method='mmd'" if adaptation == "dann" else "lower weight= or the learning rate"
+    with pytest.warns(DivergenceWarning, match=rf"^{adaptation} is diverging at step 3: the features are .*x their "
+                                                rf"scale at the first step .*{fix}"):
+        _, logs = da.loss(xs, ys, xt)
+    assert logs["feature_scale"] > 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergenceWarning)  # once per run: a log, not a flood
+        da.loss(xs, ys, xt)
+
+
+def test_a_loss_that_is_not_finite_warns() -> None:
+    g = torch.Generator().manual_seed(1)
+    xs, ys, xt = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g), torch.randn(8, 6, generator=g)
+    m = peftkit.wrap(_relu_mlp(), "lora", r=2, head=3)
+    da = peftkit.DomainAdaptation(m, "coral")
+    da.loss(xs, ys, xt)
+    xt[0, 0] = float("inf")  # one bad target row
+    with pytest.warns(DivergenceWarning, match="coral is diverging at step 2: the adaptation loss is not finite"):
+        da.loss(xs, ys, xt)
 
 
 def test_domain_adaptation_misuse_is_named() -> None:

@@ -303,8 +303,9 @@ def report(res: dict[str, Any]) -> str:
              "(target labels - source only), each seed's in brackets; *diverged*: the seeds whose run got a "
              "`DivergenceWarning` from `DomainAdaptation`, and at which step."]
     for name, r in res.items():
-        lines += ["", f"## {name}: {r['shift']} ({r['seeds']} seeds, {r['steps']} steps)", "",
-                  "| method | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+        lines += ["", f"## {name}: {r['shift']} ({r['seeds']} seeds, {r['steps']} steps)", ""]
+        lines += [r["note"], ""] if r.get("note") else []  # what a partial rerun changed, written by hand
+        lines += ["| method | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
         for method, rows in r["methods"].items():
             cells = []
             src, tgt = rows["source only"]["per seed"], rows["target labels"]["per seed"]

@@ -542,3 +542,35 @@ def test_a_model_quantized_with_torchao_directly() -> None:
     torch.testing.assert_close(m(X), y0, atol=1e-5, rtol=1e-5)
     with pytest.raises(MergeError, match="quantized"):
         m.merge()
+
+
+_HEAP_PROBE = """
+import os, sys, torch
+from peftkit.quantization import set_mmap_threshold
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+if sys.argv[1] == "set":
+    assert set_mmap_threshold() is True
+a = torch.ones(8 << 20); del a  # 32 MB, mapped on its own: freeing it raises glibc's threshold to 32 MB
+before, live = rss(), []
+for _ in range(6):  # what a dequantizing forward does: a large temporary, a small block that stays
+    w = torch.ones(4 << 20)
+    live.append(torch.ones(1000))
+    del w
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_set_mmap_threshold_gives_freed_temporaries_back_and_checks_its_argument() -> None:
+    retained = {mode: float(subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True,
+                                           check=True).stdout) for mode in ("default", "set")}
+    assert retained["default"] > 30 and retained["set"] < 4, retained  # MB of 6 x 16 MB temporaries freed
+    for bad in (-1, 33 * 2**20, 1.5, True, "64k"):
+        with pytest.raises(ConfigError, match="size=.*invalid; expected bytes from 0 to 33554432"):
+            peftkit.quantization.set_mmap_threshold(bad)  # type: ignore[arg-type]
+
+
+def test_set_mmap_threshold_says_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert peftkit.quantization.set_mmap_threshold() is False

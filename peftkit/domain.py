@@ -409,11 +409,10 @@ class DomainAdaptation:
         if self._first_scale is None and math.isfinite(rms) and rms > 0:
             self._first_scale = rms
         scale = rms / self._first_scale if self._first_scale else 1.0
-        finite = all(math.isfinite(logs[k]) for k in ("task", "adaptation")) and math.isfinite(rms)
-        if not self._warned and (not finite or scale > DIVERGED_SCALE):
+        bad = [k for k in ("task", "adaptation") if not math.isfinite(logs[k])]
+        if not self._warned and (bad or not math.isfinite(rms) or scale > DIVERGED_SCALE):
             self._warned = True
-            bad = [k for k in ("task", "adaptation") if not math.isfinite(logs[k])]
-            what = (f"the {bad[0]} loss is not finite" if bad else "the features are not finite" if not finite
+            what = (f"the {bad[0]} loss is not finite" if bad else "the features are not finite" if not math.isfinite(rms)
                     else f"the features are {scale:.3g}x their scale at the first step")
             fix = ("lower weight= (0.1 trained on MNIST -> digits, where 1.0 diverged), give the reversal a "
                    "longer warm-up (total_steps=), or try method='mmd'" if self.method == "dann"

@@ -15,7 +15,6 @@ space) and train in full precision; the quantized tensors are never written.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import sys
@@ -228,16 +227,24 @@ def set_mmap_threshold(size: int = 65536) -> bool:
     """
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 32 * 2**20:
         raise ConfigError(f"size={size!r} is invalid; expected bytes from 0 to {32 * 2**20} (32 MiB), e.g. 65536")
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # no glibc (musl's libc has no mallopt)
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, size))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def _glibc() -> Any | None:
+    """glibc, for its malloc tunables; ``None`` off Linux or with another C library (musl has no
+    ``mallopt`` or ``malloc_trim``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _ = libc.mallopt, libc.malloc_trim  # both or neither
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _release_freed_memory() -> None:
@@ -248,10 +255,9 @@ def _release_freed_memory() -> None:
     45-437 MB more resident than before it (depending on the heap's layout), and 54 MB less once
     ``malloc_trim`` returned the free pages.
     Elsewhere (another libc, another OS) this does nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # no glibc (musl has no malloc_trim)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _torchao_weight(lib: Any, w: torch.Tensor, scheme: str) -> torch.Tensor:

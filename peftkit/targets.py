@@ -370,7 +370,8 @@ def _ordered_outputs(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> O
     path, last = layers[-1]
     parent = path.rpartition(".")[0]
     sizes = _features(last)
-    if sizes is not None and is_projection(last):  # parallel heads: projections of the same features side by side
+    chained = isinstance(model.get_submodule(parent), nn.Sequential)  # a Sequential's layers run one after another
+    if sizes is not None and is_projection(last) and not chained:  # parallel heads: projections of the same features side by side
         twins = [p for p, m in layers[:-1] if p.rpartition(".")[0] == parent and is_projection(m)
                  and (f := _features(m)) is not None and f[0] == sizes[0] and f[1] != sizes[0]]
         if twins:

@@ -139,6 +139,15 @@ def test_the_output_layer_comes_from_what_the_model_returns() -> None:
         assert peftkit.find_output_layer(a.build(), example_input=a.input()) == head
 
 
+def test_a_sequential_mlp_whose_first_layer_reads_the_last_ones_width_has_one_output_layer() -> None:
+    # a Sequential's layers are chained, never side by side: Linear(128, 256) ... Linear(128, 4) are not twin heads
+    mlp = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 4))
+    assert peftkit.find_output_layer(mlp) == "4" == peftkit.find_output_layer(mlp, example_input=torch.randn(2, 128))
+    assert peftkit.wrap(mlp, "last_layer").trainable_parameters() == 128 * 4 + 4
+    nested = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 3)))
+    assert peftkit.find_output_layer(nested) == "1.3"
+
+
 def test_tracing_the_output_layer_leaves_the_backbone_as_it_was() -> None:
     net = BY_NAME["resnet18"].build().train()
     before = snapshot(net)

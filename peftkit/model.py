@@ -43,6 +43,7 @@ from .fastpaths import NestedEncoderGuard, packing_encoders
 from .files import read_adapter, read_swap
 from .heads import HeadSpec
 from .method import Delta, Method, SparseDelta, add_delta
+from .nf4 import NF4Linear
 from .plan import AdapterPlan, make_plan
 from .plugins import MethodInfo
 from .quantized import dequantize, float_class, is_quantized, quantization_of
@@ -1220,13 +1221,19 @@ def _release_backbone(slots: dict[str, Slot], guards: list[tuple[str, NestedEnco
 
 
 def _plain_linears(model: nn.Module) -> None:
-    """Turn each bitsandbytes Linear whose weight is float again (merged by ``unwrap(merge=True)``) into an
-    ``nn.Linear`` holding the same tensors: its own forward would expect a quantized weight."""
+    """Turn each quantized Linear (bitsandbytes', peftkit's ``NF4Linear``) whose weight is float again
+    (merged by ``unwrap(merge=True)``) into an ``nn.Linear`` holding the same tensors: a bitsandbytes
+    forward would expect a quantized weight, and the model returned is a float one."""
     for path, m in list(model.named_modules()):
-        if float_class(type(m)) is nn.Linear and type(m) is not nn.Linear and type(m).__module__.startswith("bitsandbytes"):
+        if float_class(type(m)) is nn.Linear and type(m) is not nn.Linear and (
+                type(m).__module__.startswith("bitsandbytes") or type(m) is NF4Linear):
             w = m._parameters.get("weight")
             if isinstance(w, nn.Parameter) and not is_quantized(w) and w.is_floating_point():
                 assert isinstance(m, nn.Linear)  # float_class says so
+                cls = type(m)
+                if cls is NF4Linear:  # the nn.Linear that peftkit.quantize made it from: the same module again
+                    m.__class__ = nn.Linear
+                    continue
                 plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
                 plain._parameters["weight"], plain._parameters["bias"] = w, m._parameters.get("bias")
                 plain.train(m.training)

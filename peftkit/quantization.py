@@ -4,7 +4,9 @@ Two backends, each an optional extra:
 
 - ``torchao`` (``pip install "peftkit[torchao]"``): the weight becomes a tensor subclass in place
   (``NF4Tensor`` with double-quantized scales, about 4.13 bits per weight; ``Int8Tensor``, one scale
-  per row); the module stays an ``nn.Linear``.
+  per row). A plain ``nn.Linear`` given NF4 becomes a :class:`~peftkit.nf4.NF4Linear` (the same
+  module, its class swapped), which dequantizes a chunk at a time: torchao's ``F.linear`` holds about
+  12 bytes per weight of the layer at once, this 2 (bf16); other layers stay as they are.
 - ``bitsandbytes`` (``pip install "peftkit[bitsandbytes]"``): the layer becomes a bitsandbytes
   ``Linear4bit`` (NF4, double quantization) or ``Linear8bitLt``, as transformers'
   ``BitsAndBytesConfig`` loads them.
@@ -16,9 +18,10 @@ space) and train in full precision; the quantized tensors are never written.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ from torch import nn
 from .attach import slots_in
 from .errors import ConfigError, TargetError
 from .model import AdaptedModel
+from .nf4 import NF4Linear
 from .quantized import is_quantized
 from .targets import host_of, matches, output_layers, tied_aliases
 
@@ -175,27 +179,30 @@ def _quantize(model: nn.Module, scheme: str, targets: Sequence[str] | None, back
         raise ConfigError(f"quantize found no Linear layer to quantize in {type(model).__name__}"
                           + (": " + "; ".join(f"{p}: {w}" for p, w in list(report.skipped.items())[:3])
                              if report.skipped else ""))
-    undo: list[tuple[dict[str, Any], str, Any]] = []  # (a module's _parameters/_modules, key, original)
+    undo: list[Callable[[], None]] = []  # each puts back one thing done
     try:
         for p, m in chosen:
             w = m.weight
             report.bytes_before += w.numel() * w.element_size()
             if name == "torchao":
                 new = _torchao_weight(lib, w.detach(), scheme)
-                undo.append((m._parameters, "weight", m._parameters["weight"]))
+                undo.append(functools.partial(m._parameters.__setitem__, "weight", m._parameters["weight"]))
                 m._parameters["weight"] = nn.Parameter(new, requires_grad=False)
+                if scheme == "nf4" and type(m) is nn.Linear:  # a subclass keeps its own forward (and torchao's F.linear)
+                    undo.append(functools.partial(setattr, m, "__class__", nn.Linear))
+                    m.__class__ = NF4Linear
                 report.bytes_after += _torchao_bytes(new)
             else:
                 parent_path, _, leaf = p.rpartition(".")
                 parent = model.get_submodule(parent_path) if parent_path else model
                 layer = _bnb_layer(lib, m, scheme)
-                undo.append((parent._modules, leaf, m))
+                undo.append(functools.partial(parent._modules.__setitem__, leaf, m))
                 parent._modules[leaf] = layer
                 report.bytes_after += _bnb_bytes(layer)
             report.quantized.append(p)
     except BaseException:
-        for store, key, original in reversed(undo):
-            store[key] = original
+        for put_back in reversed(undo):
+            put_back()
         raise
     model.__dict__["peftkit_quantization"] = report  # a plain attribute, as transformers keeps its quantization config
 

@@ -9,7 +9,7 @@ describe it by what it stands for (``weight (out, in)`` of the float dtype it wa
 the adapter file trained on a quantized backbone is the one trained on the float backbone.
 
 Nothing here imports torchao or bitsandbytes: a tensor is recognised by its class, and a backend is
-imported only to dequantize a tensor it made.
+imported only to dequantize a tensor it made (torchao's NF4 is dequantized by :mod:`peftkit.nf4`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .nf4 import NF4Linear, dequantize_nf4, is_nf4
 
 __all__ = ["dequantize", "float_class", "float_dtype", "is_quantized", "logical_dtype", "logical_shape",
            "logical_tensors", "module_quantization", "quantization_of"]
@@ -108,8 +110,9 @@ def float_dtype(module: nn.Module) -> torch.dtype:
 
 
 def float_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """The float class a quantized module's class stands for (a bitsandbytes ``Linear4bit`` is a ``Linear``)."""
-    if cls.__module__.startswith("bitsandbytes") and issubclass(cls, nn.Linear):
+    """The float class a quantized module's class stands for (a bitsandbytes ``Linear4bit``, peftkit's
+    ``NF4Linear``, is a ``Linear``)."""
+    if (cls.__module__.startswith("bitsandbytes") or issubclass(cls, NF4Linear)) and issubclass(cls, nn.Linear):
         return nn.Linear
     return cls
 
@@ -122,6 +125,8 @@ def dequantize(t: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor
         return t
     if isinstance(getattr(t, "_local_tensor", None), torch.Tensor):  # FSDP2-sharded: every rank gathers it whole
         return dequantize(_attr(t, "full_tensor")(), module)
+    if is_nf4(t):
+        return dequantize_nf4(t)  # a chunk at a time: a fraction of get_original_weight's temporaries
     with torch.no_grad():
         if type(t).__module__.startswith("torchao"):
             # NF4Tensor.dequantize is a static helper of another signature; get_original_weight is the whole tensor

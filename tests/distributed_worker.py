@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import peftkit
 import peftkit.distributed as pdist
+import peftkit.nf4
 
 STEPS = 5
 BATCH = 16
@@ -142,12 +143,13 @@ def train(method: str, mode: str, out: Path) -> dict[str, Any]:
             m.base_model.get_submodule(b))._fsdp_param_groups for fp in g.fsdp_params) for b in ("blocks.0", "blocks.1")}
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     x, y = batch()
-    with count_reduce_scatter() if mode == "fsdp" else _nothing() as rs:
+    with count_reduce_scatter() if mode == "fsdp" else _nothing() as rs, count_dequantizations() as dq:
         for _ in range(STEPS):
             loss = nn.functional.cross_entropy(net(local(x)), local(y))
             loss.backward()
             opt.step()
             opt.zero_grad()
+    facts["dequantizations"] = dq
     if counted is not None:
         facts["grad_bytes_per_step"] = counted["bytes"] / STEPS
     if rs is not None:
@@ -158,6 +160,31 @@ def train(method: str, mode: str, out: Path) -> dict[str, Any]:
     if pdist.rank() == 0:
         torch.save(tensors, out / f"{method}-{mode}.pt")
     return facts
+
+
+@contextmanager
+def count_dequantizations() -> Iterator[dict[str, int]]:
+    """NF4 weights dequantized while inside: by peftkit's NF4Linear, and whole by torchao's own path."""
+    counted = {"peftkit": 0, "torchao": 0}
+    if not QLORA:
+        yield counted
+        return
+    from torchao.quantization import to_nf4
+
+    cls = type(to_nf4(torch.zeros(64, 256)))
+    real = cls.get_original_weight, peftkit.nf4.dequantize_nf4
+
+    def counting(which: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counted[which] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    cls.get_original_weight, peftkit.nf4.dequantize_nf4 = counting("torchao", real[0]), counting("peftkit", real[1])
+    try:
+        yield counted
+    finally:
+        cls.get_original_weight, peftkit.nf4.dequantize_nf4 = real
 
 
 @contextmanager

@@ -82,6 +82,10 @@ def test_qlora_on_an_nf4_backbone_trains_like_one_process(runs: dict[str, Any], 
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
     assert any(ref[k].abs().sum() > 0 for k in ref if k.endswith("lora_B"))
+    # every NF4 weight, gathered by FSDP2 or whole, went through peftkit's NF4Linear, none through torchao's
+    # whole-layer dequantization: 4 layers x 5 steps, forward and backward (the first layer's input needs no gradient)
+    for facts in (runs["single"]["qlora"], *(r[f"qlora-{mode}"] for r in runs["reports"])):
+        assert facts["dequantizations"] == {"peftkit": 4 * 5 + 3 * 5, "torchao": 0}
     assert peftkit.read_header(runs["out"] / f"qlora-{mode}.safetensors").metadata == peftkit.read_header(
         runs["ref"] / "qlora-single.safetensors").metadata
 

@@ -16,7 +16,9 @@ PLUGINS = sorted((ROOT / "plugins").glob("*.py")) + [ROOT / "examples" / "peftki
 # Bottom to top. A module may import only from layers below its own (data flows one way:
 # selection -> plan -> build -> attach -> run; file <-> plan). docs/architecture.md describes each.
 LAYERS: list[set[str]] = [
-    {"errors", "transaction", "hookspecs", "sharding", "quantized"},  # no peftkit imports
+    {"errors", "transaction", "hookspecs", "sharding"},  # no peftkit imports
+    {"nf4"},  # NF4 layers that dequantize a chunk at a time
+    {"quantized"},  # quantized tensors seen as float ones
     {"container", "targets", "fisher", "fastpaths", "rows", "combination", "composition"},  # bytes on disk; selection; Fisher information; fast paths; mixed batches; task arithmetic
     {"method"},  # what a plugin implements: Method, Plan, Adapter, deltas
     {"plugins", "heads", "attach"},  # the registry; output heads; the runtime's hooks

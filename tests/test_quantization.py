@@ -200,6 +200,7 @@ def test_a_failure_half_way_puts_every_layer_back(backend: str, monkeypatch: pyt
     model = net()
     before = raw(model)
     modules = dict(model.named_modules())
+    classes = [type(m) for m in modules.values()]
     calls = {"n": 0}
     real = quantization._torchao_weight if backend == "torchao" else quantization._bnb_layer
 
@@ -215,6 +216,7 @@ def test_a_failure_half_way_puts_every_layer_back(backend: str, monkeypatch: pyt
     assert calls["n"] == 2
     assert_same(raw(model), before)
     assert dict(model.named_modules()) == modules and not is_quantized(model.a.weight)
+    assert [type(m) for m in model.modules()] == classes  # torchao's NF4Linear is a plain Linear again
 
 
 # -- adapters on quantized backbones ---------------------------------------------------------------

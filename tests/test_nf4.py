@@ -39,6 +39,22 @@ def test_dequantize_nf4_is_bitwise_torchaos_dequantization(dtype: torch.dtype, s
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(dequantize_nf4(w, torch.float32), expected.float(), rtol=0, atol=0)
     torch.testing.assert_close(dequantize(w), expected, rtol=0, atol=0)  # what the rest of peftkit reads
+    for other in DTYPES:  # rounded once, straight into the result: as the whole tensor's .to() rounds
+        torch.testing.assert_close(dequantize_nf4(w, other), w.get_original_weight().to(other), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [32, 96, 128])
+def test_other_block_sizes_torchao_makes_are_read_too(block: int) -> None:
+    """A block size that does not divide the chunk (96): chunks of whole blocks and bytes."""
+    w = torchao.quantization.to_nf4(torch.randn(64, 3 * 4096, generator=torch.Generator().manual_seed(0)), block, 256)
+    expected = w.get_original_weight()
+    torch.testing.assert_close(dequantize_nf4(w), expected, rtol=0, atol=0)
+    net = nn.Sequential(nn.Linear(3 * 4096, 64), nn.ReLU(), nn.Linear(64, 2))
+    net[0].weight = nn.Parameter(w, requires_grad=False)  # quantized by torchao directly
+    m = peftkit.wrap(net, "lora", r=2, targets=["0"], dora=True)  # DoRA reads the dequantized weight's norms
+    m(torch.randn(3, 3 * 4096)).sum().backward()
+    merged = m.unwrap(merge=True)
+    assert type(merged[0]) is nn.Linear and not is_nf4(merged[0].weight)
 
 
 def test_chunks_smaller_than_the_weight_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,6 +97,53 @@ def test_nf4_linear_is_f_linear_over_the_dequantized_weight_forward_and_backward
     assert w.grad is None
     if not bias:  # torchao's own F.linear (its bias is added apart, rounded twice in half precision)
         torch.testing.assert_close(y, F.linear(x, w), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("weight", "x"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                          (torch.float16, torch.float32)])
+def test_a_bias_of_another_dtype_than_the_input_promotes_as_torchao_does(weight: torch.dtype, x: torch.dtype) -> None:
+    layer = nn.Linear(128, 256).to(weight)
+    reference = copy.deepcopy(layer)
+    peftkit.quantize(nn.Sequential(layer, nn.Linear(256, 2)), "nf4", backend="torchao")
+    reference.weight = nn.Parameter(layer.weight, requires_grad=False)  # torchao's own F.linear
+    assert type(layer) is NF4Linear
+    inp = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).to(x).requires_grad_()
+    y, expected = layer(inp), reference(inp)
+    assert y.dtype == expected.dtype == torch.promote_types(weight, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), [inp, layer.bias]),
+                               torch.autograd.grad(expected.sum(), [inp, reference.bias]), rtol=0, atol=0)
+
+
+def test_under_autocast_the_weight_is_dequantized_once_to_autocasts_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = peftkit.quantize(plain_net(), "nf4", backend="torchao")
+    reference = copy.deepcopy(model)
+    for name in ("0", "2"):
+        ref = getattr(reference, name)
+        ref.__class__ = nn.Linear
+        ref.weight = nn.Parameter(dequantize(ref.weight), requires_grad=False)  # float32, cast by autocast
+    asked: list[torch.dtype | None] = []
+    real = nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda w, dtype=None: asked.append(dtype) or real(w, dtype))
+    x = torch.randn(4, 128).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        expected = reference(x)
+    assert y.dtype == torch.bfloat16 and asked == [torch.bfloat16] * 2
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.float().sum(), x), torch.autograd.grad(expected.float().sum(), x),
+                               rtol=0, atol=0)
+    assert asked == [torch.bfloat16] * 4  # the backward's two, in the gradient's dtype
+
+
+def test_nf4_linear_compiles_without_a_graph_break() -> None:
+    model = peftkit.quantize(plain_net(), "nf4", backend="torchao")
+    x = torch.randn(4, 128, requires_grad=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None
 
 
 def test_nf4_linear_without_gradients_and_with_a_frozen_input() -> None:

@@ -24,7 +24,8 @@ from .plan import AdapterPlan
 from .quantized import logical_dtype, logical_shape, quantization_of
 from .targets import calls_forward, host_of, is_under
 
-__all__ = ["AdapterSet", "Prepared", "build", "meta_twin", "output_only", "quantized_tensors"]
+__all__ = ["AdapterSet", "Prepared", "build", "delta_names", "float_stand_in", "meta_twin", "output_only",
+           "quantized_tensors"]
 
 
 class AdapterSet(nn.Module):
@@ -175,6 +176,27 @@ def quantized_tensors(module: nn.Module) -> dict[str, str]:
     return {n: q for n, t in module.named_parameters() if (q := quantization_of(t)) is not None}
 
 
+def delta_names(adapter: Adapter, module: nn.Module) -> list[str]:
+    """The names of the tensors of ``module`` that ``adapter``'s delta would change, asked of a float
+    stand-in where ``module`` holds quantized tensors: a plugin's ``delta`` computes with the weight
+    (IA3's ``scale * weight``), which a quantized tensor cannot take part in."""
+    with torch.no_grad():
+        return list(adapter.delta(float_stand_in(module) if quantized_tensors(module) else module) or {})
+
+
+def float_stand_in(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose quantized tensors (its children's too) are zeros of the float
+    shape and dtype they stand for, expanded from one element (no memory); the other tensors are its own."""
+    twin = object.__new__(type(module))  # as meta_twin: a parametrized module refuses to be copied
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__["_parameters"] = {
+        k: nn.Parameter(torch.zeros((), dtype=logical_dtype(module, t), device=t.device).expand(
+            logical_shape(module, k, t)), requires_grad=False) if t is not None and quantization_of(t) else t
+        for k, t in module._parameters.items()}
+    twin.__dict__["_modules"] = {k: None if c is None else float_stand_in(c) for k, c in module._modules.items()}
+    return twin
+
+
 def output_only(model: nn.Module, path: str, adapter: Adapter) -> bool:
     """Whether the adapter on ``path`` applies in output space only: its target holds quantized tensors,
     which cannot take ``W + delta`` (see :func:`_check_quantized`, which refused the other cases)."""
@@ -192,9 +214,8 @@ def _check_quantized(model: nn.Module, m: Method[Any], path: str, module: nn.Mod
     if adapter.has_transform and not prefix:
         return
     try:
-        with torch.no_grad():
-            names = list(adapter.delta(module) or {})
-    except Exception:  # noqa: BLE001 (a delta that cannot even be computed on a quantized tensor: refuse)
+        names = delta_names(adapter, module)
+    except Exception:  # noqa: BLE001 (a delta that cannot be computed even on the float stand-in: refuse)
         names = list(quantized)
     hit = [n for n in names if n in quantized]
     if not hit and not adapter.has_stand_in:

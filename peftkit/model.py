@@ -35,7 +35,7 @@ from .attach import (
     slots_in,
     tensor_slot,
 )
-from .build import AdapterSet, Prepared, build, output_only, quantized_tensors
+from .build import AdapterSet, Prepared, build, delta_names, output_only, quantized_tensors
 from .combination import check_how
 from .composition import Average, Parallel, Stack
 from .errors import AdapterFileError, ConfigError, MergeError, TargetError, UnknownAdapterError
@@ -837,7 +837,7 @@ class AdaptedModel(nn.Module):
                 target = self.base_model.get_submodule(path)
                 if not quantized_tensors(target) or not adapter.has_delta:
                     continue
-                for tname in adapter.delta(target) or {}:
+                for tname in delta_names(adapter, target):
                     owner, _, leaf = tname.rpartition(".")
                     module = target.get_submodule(owner) if owner else target
                     if is_quantized(module._parameters.get(leaf)):

@@ -376,8 +376,8 @@ def test_a_plugin_without_an_output_form_cannot_touch_a_quantized_weight(registe
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _trained(model: nn.Module, **options: Any) -> peftkit.AdaptedModel:
-    m = peftkit.wrap(model, "lora", r=4, **options)
+def _trained(model: nn.Module, method: str = "lora", **options: Any) -> peftkit.AdaptedModel:
+    m = peftkit.wrap(model, method, **({"r": 4} if method == "lora" else {}), **options)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):
         loss = m(X).pow(2).mean()
@@ -465,6 +465,30 @@ def test_unwrap_merge_gives_a_float_model_of_the_dequantized_weights_plus_the_de
     torch.testing.assert_close(base.eval()(X), expected, atol=1e-5, rtol=1e-5)
     peftkit.quantize(base, scheme, backend=backend)  # re-quantized, if one wishes
     assert is_quantized(base.a.weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("method", "options"), [("ia3", {}), ("lora", {"bias": "all"})], ids=["ia3", "lora-bias"])
+def test_a_delta_computed_from_the_weight_merges_on_the_dequantized_one(backend: str, method: str,
+                                                                        options: dict[str, Any]) -> None:
+    """IA3's delta is ``(scale - 1) * weight``: asked which tensors it changes, the plugin is given a float
+    stand-in (a quantized weight takes no arithmetic), then the dequantized weight for the merge."""
+    model = quantized(backend, "nf4")
+    m = _trained(model, method, **options)
+    with pytest.raises(MergeError, match=r"cannot merge into a\.weight: it is quantized"):
+        m.merge()
+    reference = net()
+    with torch.no_grad():
+        for name in ("a", "b"):
+            layer = getattr(model, name)
+            getattr(reference, name).weight.copy_(dequantize(layer.weight, layer))
+    ref = peftkit.wrap(reference, method, **({"r": 4} if method == "lora" else {}), **options)
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k.startswith("peft_adapters.")}, strict=False)
+    expected = ref.eval()(X).detach()
+    torch.testing.assert_close(m(X), expected, atol=1e-5, rtol=1e-5)
+    base = m.unwrap(merge=True)
+    assert [type(c) for c in base.children()] == [nn.Linear] * 3 and not any(is_quantized(p) for p in base.parameters())
+    torch.testing.assert_close(base.eval()(X), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_failed_unwrap_merge_puts_the_quantized_weights_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -212,13 +212,14 @@ def set_mmap_threshold(size: int = 65536) -> bool:
     system as soon as it is freed: what ``MALLOC_MMAP_THRESHOLD_=65536`` does from the start of a
     process, for when its environment is not yours to set (a notebook, a launcher).
 
-    Training on quantized weights on a CPU needs it: both backends dequantize each weight on every
-    call, and glibc's heap (whose threshold rises to 32 MB as large blocks are freed) keeps those
-    temporaries resident between the activations. Measured on a 0.44 B Llama-shaped model with the
-    environment variable: NF4's peak above the imported runtime fell from 1.06x bf16's to 0.51x with
-    torchao, and from 0.82x to 0.48x with bitsandbytes (``benchmarks/qlora.py``); with this call, on
-    8 of its decoder layers (torchao), from 559 to 297 MB. It costs an ``mmap`` and ``munmap`` per
-    large block: a 105 s step there against 101 s.
+    Training on quantized weights on a CPU needs it: every quantized layer dequantizes its weight on
+    every call, and glibc's heap (whose threshold rises to 32 MB as large blocks are freed) keeps
+    those blocks resident between the activations. Measured with the environment variable
+    (``benchmarks/qlora.py``): at TinyLlama-1.1B's shapes, torchao NF4's peak above the imported
+    runtime fell from 0.53x bf16's to 0.42x; on a 0.44 B model, bitsandbytes' from 0.82x to 0.48x;
+    with this call, on 8 decoder layers of the 0.44 B model (torchao, before :class:`~peftkit.nf4.NF4Linear`),
+    from 559 to 297 MB. It costs an ``mmap`` and ``munmap`` per large block: a 105 s step there
+    against 101 s.
 
     This is process-wide, and lasts: it changes how every later allocation of the process is made,
     not peftkit's alone. Call it once, before building the model.

@@ -187,14 +187,9 @@ def delta_names(adapter: Adapter, module: nn.Module) -> list[str]:
 def float_stand_in(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose quantized tensors (its children's too) are zeros of the float
     shape and dtype they stand for, expanded from one element (no memory); the other tensors are its own."""
-    twin = object.__new__(type(module))  # as meta_twin: a parametrized module refuses to be copied
-    twin.__dict__.update(module.__dict__)
-    twin.__dict__["_parameters"] = {
-        k: nn.Parameter(torch.zeros((), dtype=logical_dtype(module, t), device=t.device).expand(
-            logical_shape(module, k, t)), requires_grad=False) if t is not None and quantization_of(t) else t
-        for k, t in module._parameters.items()}
-    twin.__dict__["_modules"] = {k: None if c is None else float_stand_in(c) for k, c in module._modules.items()}
-    return twin
+    return _twin(module, lambda owner, k, t: nn.Parameter(
+        torch.zeros((), dtype=logical_dtype(owner, t), device=t.device).expand(logical_shape(owner, k, t)),
+        requires_grad=False) if quantization_of(t) else t)
 
 
 def output_only(model: nn.Module, path: str, adapter: Adapter) -> bool:
@@ -306,14 +301,20 @@ def _fill(m: Method[Any], path: str, adapter: Adapter, values: dict[str, torch.T
 def meta_twin(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose tensors, and its children's, are on the meta device: an
     adapter built for it allocates nothing (see :func:`build`)."""
+    return _twin(module, lambda owner, k, t: nn.Parameter(  # a quantized tensor's twin: the float shape and dtype
+        torch.empty(logical_shape(owner, k, t), dtype=logical_dtype(owner, t), device="meta"),
+        requires_grad=t.requires_grad), lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+def _twin(module: nn.Module, parameter: Callable[[nn.Module, str, torch.Tensor], torch.Tensor],
+          buffer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+    """A shallow copy of ``module`` and its children, each parameter replaced by ``parameter(owner,
+    name, tensor)`` and each buffer by ``buffer(tensor)`` (kept where ``buffer`` is None)."""
     twin = object.__new__(type(module))  # not copy.copy: a parametrized module refuses to be pickled or copied
     twin.__dict__.update(module.__dict__)
-    twin.__dict__["_parameters"] = {  # a quantized tensor's twin has the float shape and dtype it stands for
-        k: None if t is None else nn.Parameter(
-            torch.empty(logical_shape(module, k, t), dtype=logical_dtype(module, t), device="meta"),
-            requires_grad=t.requires_grad)
-        for k, t in module._parameters.items()}
-    twin.__dict__["_buffers"] = {k: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta")
-                                 for k, t in module._buffers.items()}
-    twin.__dict__["_modules"] = {k: None if c is None else meta_twin(c) for k, c in module._modules.items()}
+    twin.__dict__["_parameters"] = {k: None if t is None else parameter(module, k, t)
+                                    for k, t in module._parameters.items()}
+    if buffer is not None:
+        twin.__dict__["_buffers"] = {k: None if t is None else buffer(t) for k, t in module._buffers.items()}
+    twin.__dict__["_modules"] = {k: None if c is None else _twin(c, parameter, buffer) for k, c in module._modules.items()}
     return twin
